@@ -1,0 +1,9 @@
+//! Wire types shared by Roost's control plane, gateway and workers.
+//!
+//! Everything that crosses a process boundary between Roost components is defined here, so
+//! that the three services cannot drift apart. Today this is the identifier scheme; the
+//! control channel, tunnel headers and framing join it as those parts are built.
+
+pub mod ids;
+
+pub use ids::{IdError, SandboxId};

@@ -1,0 +1,1 @@
+//! Host VM rig (filled by the foundation issue).
