@@ -1,1 +1,105 @@
-fn main() {}
+//! `roost-bench`: Roost's benchmarks. Each scenario prints progress on stderr and, as its last
+//! line on stdout, one JSON object with its figures.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use roost_bench::guest_boot::{Accel, GuestImages, QemuMicrovm};
+use roost_bench::stats;
+
+#[derive(Parser, Debug)]
+#[command(name = "roost-bench", version, about = "Roost benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Boot the guest kernel + a rootfs image N times to roost-agent's ready line (needs a
+    /// usable KVM: run it inside the host VM with `roost hostvm run -- roost-bench guest-boot`).
+    GuestBoot(GuestBootArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Vmm {
+    /// QEMU's `microvm` machine (the baseline).
+    Qemu,
+}
+
+#[derive(clap::Args, Debug)]
+struct GuestBootArgs {
+    /// Which VMM boots the guest.
+    #[arg(long, value_enum, default_value = "qemu")]
+    vmm: Vmm,
+    /// Number of boots (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: u32,
+    /// Root filesystem image, by its index name without the `rootfs-` prefix.
+    #[arg(long, default_value = "base")]
+    image: String,
+    /// Accelerator: kvm, or tcg to try images on a machine without a usable KVM.
+    #[arg(long, value_enum, default_value = "kvm")]
+    accel: Accel,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u32,
+    /// Seconds to wait for each boot.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Copy the first boot's console to stderr.
+    #[arg(long)]
+    console: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().scenario {
+        Scenario::GuestBoot(args) => guest_boot(args),
+    }
+}
+
+fn guest_boot(args: GuestBootArgs) -> anyhow::Result<()> {
+    let Vmm::Qemu = args.vmm;
+    let images = GuestImages::from_index(&format!("rootfs-{}", args.image))
+        .context("locating the kernel and image (build them with `roost images build`)")?;
+    let vmm = QemuMicrovm {
+        accel: args.accel,
+        mem_mib: args.mem,
+        timeout: Duration::from_secs(args.timeout),
+        ..QemuMicrovm::default()
+    };
+    let mut samples = Vec::new();
+    for run in 0..args.runs {
+        let mut stderr = std::io::stderr();
+        let console: Option<&mut dyn std::io::Write> = if args.console && run == 0 {
+            Some(&mut stderr)
+        } else {
+            None
+        };
+        let sample = vmm
+            .boot_to_ready(&images, &format!("bench-{run}"), console)
+            .with_context(|| format!("boot {} of {}", run + 1, args.runs))?;
+        let ms = sample.ready_after.as_secs_f64() * 1000.0;
+        eprintln!(
+            "boot {}/{}: {ms:.0} ms  ({})",
+            run + 1,
+            args.runs,
+            sample.ready_line
+        );
+        samples.push(ms);
+    }
+    let summary = stats::summarise(&samples).context("no samples")?;
+    let report = serde_json::json!({
+        "scenario": "guest-boot",
+        "vmm": "qemu",
+        "accel": format!("{:?}", args.accel).to_lowercase(),
+        "image": args.image,
+        "runs": summary.runs,
+        "qemu_boot_ms_p50": summary.p50_ms,
+        "qemu_boot_ms_p95": summary.p95_ms,
+        "samples_ms": samples,
+    });
+    println!("{report}");
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Roost's benchmarks and load generator.
+//!
+//! Every scenario measures Roost against a baseline in the same run (these machines are shared
+//! and noisy, so only medians and ratios mean anything) and ends by printing one JSON object.
+
+pub mod guest_boot;
+pub mod stats;
