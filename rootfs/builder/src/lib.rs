@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod index;
 pub mod progress;
+pub mod rootfs;
 pub mod run;
 
 pub use cache::{Cache, CacheEntry, CacheError, CacheKey, CacheKeyBuilder, Origin};

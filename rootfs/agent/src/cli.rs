@@ -1,0 +1,128 @@
+//! Command-line parsing.
+//!
+//! As PID 1 the kernel may pass stray boot parameters as arguments, so PID 1 always runs init
+//! and only picks out the flags it knows. Otherwise a subcommand is required.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::init::InitOptions;
+
+pub const USAGE: &str = "\
+usage: roost-agent                 (as PID 1: initialise the guest and supervise it)
+       roost-agent poweroff        ask PID 1 to stop every process and power the VM off
+       roost-agent version         print the version
+       roost-agent help            print this help
+
+`poweroff`, `halt` and `reboot` are links to roost-agent that run `roost-agent poweroff`.
+";
+
+/// What the process was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Init(InitOptions),
+    Poweroff,
+    Version,
+    Help,
+    /// The arguments make no sense; the message says why.
+    Usage(String),
+}
+
+/// Flag that makes init skip everything that changes the machine (mounts, console, hostname,
+/// remounting `/`), for tests that run the agent as PID 1 of a PID namespace.
+const SKIP_SYSTEM_SETUP: &str = "--skip-system-setup";
+
+/// Parses `args` (including argv\[0\]).
+pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Command {
+    let mut args = args.into_iter().map(|a| a.to_string_lossy().into_owned());
+    let argv0 = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    if is_pid1 {
+        let skip_system_setup = rest.iter().any(|a| a == SKIP_SYSTEM_SETUP);
+        return Command::Init(InitOptions { skip_system_setup });
+    }
+    let invoked_as = Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if matches!(invoked_as, "poweroff" | "halt" | "reboot") {
+        // Accept (and ignore) the usual flags such as `-f`.
+        return Command::Poweroff;
+    }
+    let Some((first, tail)) = rest.split_first() else {
+        return Command::Usage("not running as PID 1; give a subcommand".into());
+    };
+    let command = match first.as_str() {
+        "poweroff" => Command::Poweroff,
+        "version" | "--version" | "-V" => Command::Version,
+        "help" | "--help" | "-h" => Command::Help,
+        "init" => {
+            return Command::Usage("`init` runs only as PID 1 (the kernel starts it)".into());
+        }
+        other => return Command::Usage(format!("unknown subcommand `{other}`")),
+    };
+    match tail.first() {
+        Some(extra) => Command::Usage(format!("unexpected argument `{extra}` after `{first}`")),
+        None => command,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_strs(args: &[&str], is_pid1: bool) -> Command {
+        parse(args.iter().map(OsString::from), is_pid1)
+    }
+
+    #[test]
+    fn pid1_always_runs_init_whatever_the_kernel_passes() {
+        let plain = Command::Init(InitOptions {
+            skip_system_setup: false,
+        });
+        assert_eq!(parse_strs(&["/sbin/init"], true), plain);
+        assert_eq!(
+            parse_strs(&["/sbin/init", "splash", "poweroff"], true),
+            plain
+        );
+        assert_eq!(
+            parse_strs(&["roost-agent", "init", "--skip-system-setup"], true),
+            Command::Init(InitOptions {
+                skip_system_setup: true
+            })
+        );
+    }
+
+    #[test]
+    fn subcommands_outside_pid1() {
+        assert_eq!(
+            parse_strs(&["roost-agent", "poweroff"], false),
+            Command::Poweroff
+        );
+        assert_eq!(
+            parse_strs(&["roost-agent", "version"], false),
+            Command::Version
+        );
+        assert_eq!(parse_strs(&["roost-agent", "--help"], false), Command::Help);
+        assert_eq!(
+            parse_strs(&["/usr/sbin/poweroff", "-f"], false),
+            Command::Poweroff
+        );
+        assert_eq!(parse_strs(&["reboot"], false), Command::Poweroff);
+    }
+
+    #[test]
+    fn no_subcommand_or_a_wrong_one_is_a_usage_error() {
+        for args in [
+            &["roost-agent"][..],
+            &["roost-agent", "bogus"],
+            &["roost-agent", "version", "extra"],
+            &["roost-agent", "init"],
+        ] {
+            assert!(
+                matches!(parse_strs(args, false), Command::Usage(_)),
+                "{args:?}"
+            );
+        }
+    }
+}

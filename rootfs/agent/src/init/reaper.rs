@@ -1,0 +1,36 @@
+//! Reaping: every orphan in the guest becomes init's child, and each one that exits stays a
+//! zombie until init collects it.
+//!
+//! Later, processes the agent spawns itself will need their exit status: they must be collected
+//! here too (a `waitpid(-1)` loop takes any child), and handed to whoever waits for them.
+
+use nix::errno::Errno;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// What is left after reaping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remaining {
+    /// Children are still running.
+    Some,
+    /// No children at all: as PID 1, no process is left.
+    None,
+}
+
+/// Collects every exited child without blocking. Returns how many were reaped and whether any
+/// child remains.
+pub fn reap_all() -> (usize, Remaining) {
+    let mut reaped = 0;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return (reaped, Remaining::Some),
+            Ok(_) => reaped += 1,
+            Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => return (reaped, Remaining::None),
+            Err(e) => {
+                crate::say!("waitpid failed: {e}");
+                return (reaped, Remaining::Some);
+            }
+        }
+    }
+}
