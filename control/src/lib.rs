@@ -1,5 +1,17 @@
 //! Roost's control plane: tenancy, API keys, JWT sessions, the sandbox state machine,
 //! placement across workers, the template catalog, timeouts and the audit log.
 //!
-//! The control-plane issue fills this crate; until then it deliberately exposes nothing, so
-//! that no other part can come to depend on behaviour that does not exist yet.
+//! Layers, each depending only on those before it:
+//! - [`store`]: the database (SQLite or PostgreSQL through one `AnyPool`), one module per table;
+//! - [`auth`]: password hashes, session tokens and API-key secrets (pure functions);
+//! - [`lifecycle`]: the sandbox state machine, the operations that drive it and the reaper;
+//! - [`placement`]: the seam to workers ([`placement::Placement`]);
+//! - [`ratelimit`]: per-key and per-team request budgets;
+//! - [`api`]: the HTTP surface (native `/v1` and E2B-compatible routes, OpenAPI document).
+
+pub mod api;
+pub mod auth;
+pub mod lifecycle;
+pub mod placement;
+pub mod ratelimit;
+pub mod store;

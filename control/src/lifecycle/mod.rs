@@ -1,0 +1,9 @@
+//! Sandbox lifecycle: the pure state machine ([`state`]), the operations that drive it
+//! against the store and a worker ([`service`]), and the timeout reaper ([`reaper`]).
+
+pub mod reaper;
+pub mod service;
+pub mod state;
+
+pub use service::{Connected, CreateRequest, LifecycleError, Sandboxes};
+pub use state::SandboxState;

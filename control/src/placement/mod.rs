@@ -1,0 +1,76 @@
+//! Placement: choosing a host for a sandbox and telling that host's worker what to do.
+//!
+//! The REST layer and the reaper only see the [`Placement`] trait. Two implementations are
+//! planned: [`instant::InstantWorker`], an in-process worker that answers at once (tests and
+//! control-only benchmarks), and the QUIC control channel to real workers, which will pick
+//! among hosts by capacity and template.
+
+pub mod instant;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use roost_proto::SandboxId;
+
+/// What a worker needs to start (or restore) a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: SandboxId,
+    pub team_id: String,
+    pub template_id: String,
+    pub cpu_count: i64,
+    pub memory_mb: i64,
+    pub disk_size_mb: i64,
+    /// Environment variables for the guest; only their names are ever stored.
+    pub env_vars: BTreeMap<String, String>,
+    pub envd_access_token: Option<String>,
+    pub allow_internet: bool,
+}
+
+/// Where a sandbox ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub host_id: String,
+}
+
+/// One resource-usage sample of a sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricSample {
+    pub timestamp_ms: i64,
+    pub cpu_count: i64,
+    pub cpu_used_pct: f64,
+    pub mem_used: i64,
+    pub mem_total: i64,
+    pub mem_cache: i64,
+    pub disk_used: i64,
+    pub disk_total: i64,
+}
+
+/// Why a worker request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("no host has capacity for template {template}")]
+    NoCapacity { template: String },
+    #[error("host {host} is not connected")]
+    HostUnavailable { host: String },
+    #[error("host {host} does not know sandbox {sandbox}")]
+    UnknownSandbox { host: String, sandbox: String },
+    #[error("worker refused: {reason}")]
+    Refused { reason: String },
+}
+
+/// Runs sandboxes on workers. Every method returns once the worker has done the work.
+#[async_trait]
+pub trait Placement: Send + Sync + std::fmt::Debug {
+    /// Starts a new sandbox on a host of the implementation's choosing.
+    async fn create(&self, spec: &SandboxSpec) -> Result<Placed, PlacementError>;
+    async fn kill(&self, host_id: &str, id: &SandboxId) -> Result<(), PlacementError>;
+    async fn pause(&self, host_id: &str, id: &SandboxId) -> Result<(), PlacementError>;
+    /// Restores a paused sandbox; `host_id` is the host that holds its snapshot.
+    async fn resume(&self, host_id: &str, spec: &SandboxSpec) -> Result<Placed, PlacementError>;
+    async fn metrics(
+        &self,
+        host_id: &str,
+        id: &SandboxId,
+    ) -> Result<Vec<MetricSample>, PlacementError>;
+}
