@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod index;
+pub mod kernel;
 pub mod progress;
 pub mod rootfs;
 pub mod run;
