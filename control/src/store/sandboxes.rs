@@ -272,7 +272,7 @@ pub async fn compare_and_set(
     Ok(res.rows_affected() == 1)
 }
 
-/// Sets when a live sandbox times out; returns whether it was found in one of `states`.
+/// Sets when a sandbox times out, if it is still in `state`; returns whether it was.
 pub async fn set_end_at(
     db: &Db,
     team_id: &str,

@@ -299,7 +299,16 @@ where
     F: FnOnce(TestApp) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let app = TestApp::new(backend).await;
+    run_with(backend, test_config(), scenario).await;
+}
+
+/// [`run`] with a custom configuration.
+pub async fn run_with<F, Fut>(backend: Backend, config: Config, scenario: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let app = TestApp::with_config(backend, config).await;
     let outcome = tokio::spawn(scenario(app.clone())).await;
     app.cleanup().await;
     if let Err(e) = outcome {
