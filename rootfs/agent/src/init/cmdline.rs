@@ -29,6 +29,11 @@ impl KernelCmdline {
         Self { params }
     }
 
+    /// Whether `key` appears, as a bare word or with a value.
+    pub fn has(&self, key: &str) -> bool {
+        self.params.iter().any(|(k, _)| k == key)
+    }
+
     /// The value of the last `key=value` (as the kernel does, the last one wins).
     pub fn get(&self, key: &str) -> Option<&str> {
         self.params
@@ -81,6 +86,7 @@ mod tests {
         assert_eq!(cmdline.get("roost.hostname"), Some("test1"));
         assert_eq!(cmdline.get("root"), Some("/dev/vda"));
         assert_eq!(cmdline.get("ro"), None);
+        assert!(cmdline.has("ro") && cmdline.has("root") && !cmdline.has("rw"));
         assert_eq!(cmdline.get("missing"), None);
     }
 

@@ -23,6 +23,10 @@ use signals::{Event, Signals};
 /// for it: `roost-agent: ready hostname=NAME uptime=SECONDSs version=X.Y.Z`.
 pub const READY_PREFIX: &str = "roost-agent: ready";
 
+/// Kernel command-line flag: power off right after the ready line, through the same SIGTERM
+/// path as `roost-agent poweroff` (boot tests and benchmarks use it to end the VM cleanly).
+pub const POWEROFF_AFTER_READY: &str = "roost.poweroff_after_ready";
+
 /// How init behaves.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InitOptions {
@@ -40,13 +44,19 @@ pub fn run(options: &InitOptions) -> ! {
             shutdown::power_off(options, "no signal handling")
         }
     };
-    let hostname = set_up(options);
+    let (hostname, cmdline) = set_up(options);
     let uptime =
         read_uptime().map_or_else(|| "?".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
     println!(
         "{READY_PREFIX} hostname={hostname} uptime={uptime} version={}",
         env!("CARGO_PKG_VERSION")
     );
+    if cmdline.has(POWEROFF_AFTER_READY) {
+        // Blocked, so it is queued for the loop below like any other SIGTERM.
+        if let Err(e) = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM) {
+            say!("cannot honour {POWEROFF_AFTER_READY}: {e}");
+        }
+    }
     loop {
         match signals.next() {
             Ok(Event::ChildExited) => {
@@ -63,8 +73,9 @@ pub fn run(options: &InitOptions) -> ! {
     }
 }
 
-/// Mounts, console and hostname; returns the hostname. Failures are reported and skipped.
-fn set_up(options: &InitOptions) -> String {
+/// Mounts, console and hostname; returns the hostname and the kernel command line (readable
+/// once /proc is mounted). Failures are reported and skipped.
+fn set_up(options: &InitOptions) -> (String, KernelCmdline) {
     if !options.skip_system_setup {
         let errors = mounts::mount_all();
         if let Err(e) = console::attach() {
@@ -74,9 +85,9 @@ fn set_up(options: &InitOptions) -> String {
             say!("{}", chain(&error));
         }
     }
+    let cmdline = KernelCmdline::read();
     let etc_hostname = std::fs::read_to_string("/etc/hostname").ok();
-    let (name, _source, warnings) =
-        hostname::choose(&KernelCmdline::read(), etc_hostname.as_deref());
+    let (name, _source, warnings) = hostname::choose(&cmdline, etc_hostname.as_deref());
     for warning in warnings {
         say!("{warning}");
     }
@@ -85,7 +96,7 @@ fn set_up(options: &InitOptions) -> String {
     {
         say!("cannot set hostname {name}: {e}");
     }
-    name
+    (name, cmdline)
 }
 
 /// Seconds since boot, from /proc/uptime.
