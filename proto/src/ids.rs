@@ -28,7 +28,9 @@ pub enum IdError {
     Empty,
     #[error("sandbox id is longer than {MAX_ID_DIGITS} characters after the prefix")]
     TooLong,
-    #[error("sandbox id may only contain lowercase letters and digits after the prefix, found {0:?}")]
+    #[error(
+        "sandbox id may only contain lowercase letters and digits after the prefix, found {0:?}"
+    )]
     InvalidCharacter(char),
     #[error("the operating system's random source failed")]
     Entropy(#[source] getrandom::Error),
@@ -73,14 +75,19 @@ impl FromStr for SandboxId {
     type Err = IdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let body = s.strip_prefix(SANDBOX_ID_PREFIX).ok_or(IdError::MissingPrefix)?;
+        let body = s
+            .strip_prefix(SANDBOX_ID_PREFIX)
+            .ok_or(IdError::MissingPrefix)?;
         if body.is_empty() {
             return Err(IdError::Empty);
         }
         if body.len() > MAX_ID_DIGITS {
             return Err(IdError::TooLong);
         }
-        if let Some(bad) = body.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit())) {
+        if let Some(bad) = body
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit()))
+        {
             return Err(IdError::InvalidCharacter(bad));
         }
         Ok(Self(s.to_owned()))
@@ -103,7 +110,10 @@ mod tests {
         let mut seen = HashSet::new();
         for _ in 0..1000 {
             let id = SandboxId::generate().unwrap();
-            assert_eq!(id.as_str().len(), SANDBOX_ID_PREFIX.len() + GENERATED_ID_DIGITS);
+            assert_eq!(
+                id.as_str().len(),
+                SANDBOX_ID_PREFIX.len() + GENERATED_ID_DIGITS
+            );
             assert_eq!(id.as_str().parse::<SandboxId>().unwrap(), id);
             assert!(seen.insert(id), "duplicate id generated");
         }
@@ -119,9 +129,18 @@ mod tests {
     fn parse_rejects_malformed_ids() {
         assert_eq!("abc".parse::<SandboxId>(), Err(IdError::MissingPrefix));
         assert_eq!("cl-".parse::<SandboxId>(), Err(IdError::Empty));
-        assert_eq!("cl-ABC".parse::<SandboxId>(), Err(IdError::InvalidCharacter('A')));
-        assert_eq!("cl-a-b".parse::<SandboxId>(), Err(IdError::InvalidCharacter('-')));
-        assert_eq!("cl-a.b".parse::<SandboxId>(), Err(IdError::InvalidCharacter('.')));
+        assert_eq!(
+            "cl-ABC".parse::<SandboxId>(),
+            Err(IdError::InvalidCharacter('A'))
+        );
+        assert_eq!(
+            "cl-a-b".parse::<SandboxId>(),
+            Err(IdError::InvalidCharacter('-'))
+        );
+        assert_eq!(
+            "cl-a.b".parse::<SandboxId>(),
+            Err(IdError::InvalidCharacter('.'))
+        );
         let long = format!("cl-{}", "a".repeat(MAX_ID_DIGITS + 1));
         assert_eq!(long.parse::<SandboxId>(), Err(IdError::TooLong));
     }

@@ -3,7 +3,8 @@
 //! machine's mounts and hostname alone). Orphans of that namespace are reparented to it, and
 //! `reboot()` from a namespace's init ends the namespace, which the test observes.
 //!
-//! Skipped (with a message) when not root or when util-linux's unshare/nsenter are missing.
+//! Needs root and util-linux's unshare/nsenter; without them the tests fail with a message
+//! saying so rather than passing silently.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 const AGENT: &str = env!("CARGO_BIN_EXE_roost-agent");
 const READY_PREFIX: &str = "roost-agent: ready";
 
-fn can_run() -> bool {
+/// Panics, saying what is missing, unless the tests can run here.
+fn require_root_and_util_linux() {
     let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
         s.lines()
             .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
@@ -26,10 +28,10 @@ fn can_run() -> bool {
             .status()
             .is_ok_and(|s| s.success())
     });
-    if !(root && tools) {
-        eprintln!("skipping: needs root and util-linux unshare/nsenter");
-    }
-    root && tools
+    assert!(
+        root && tools,
+        "these tests need root and util-linux's unshare/nsenter (root: {root}, tools: {tools})"
+    );
 }
 
 /// The agent running as PID 1 of a fresh PID namespace.
@@ -151,9 +153,7 @@ fn libc_sighup() -> i32 {
 
 #[test]
 fn reaps_orphans_and_powers_off_on_sigterm() {
-    if !can_run() {
-        return;
-    }
+    require_root_and_util_linux();
     let mut ns = Namespace::start();
     // The shell exits at once; its background `sleep` is orphaned and reparented to init.
     assert!(ns.run(&["sh", "-c", "sleep 0.5 & exit 0"]).success());
@@ -190,9 +190,7 @@ fn reaps_orphans_and_powers_off_on_sigterm() {
 
 #[test]
 fn poweroff_subcommand_stops_every_process_then_ends_the_namespace() {
-    if !can_run() {
-        return;
-    }
+    require_root_and_util_linux();
     let mut ns = Namespace::start();
     // A process that ignores SIGTERM must be SIGKILLed after the grace period...
     assert!(

@@ -29,7 +29,10 @@ pub enum CacheError {
 
 impl CacheError {
     fn io(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
-        move |source| Self::Io { path: path.to_owned(), source }
+        move |source| Self::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -67,7 +70,9 @@ pub struct CacheKeyBuilder {
 impl CacheKeyBuilder {
     /// Starts a key for artefacts of `kind` (e.g. `kernel`, `rootfs`).
     pub fn new(kind: &str) -> Self {
-        let mut builder = Self { hasher: Sha256::new() };
+        let mut builder = Self {
+            hasher: Sha256::new(),
+        };
         builder.add("kind", kind.as_bytes());
         builder
     }
@@ -135,12 +140,19 @@ impl Cache {
 
     /// The entry for `key` among artefacts of `kind`.
     pub fn entry(&self, kind: &str, key: &CacheKey) -> CacheEntry {
-        CacheEntry { kind_dir: self.root.join(kind), key: key.clone() }
+        CacheEntry {
+            kind_dir: self.root.join(kind),
+            key: key.clone(),
+        }
     }
 }
 
 fn default_root() -> Option<PathBuf> {
-    let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let non_empty = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     non_empty(CACHE_DIR_ENV)
         .or_else(|| non_empty("XDG_CACHE_HOME").map(|p| p.join("roost")))
         .or_else(|| non_empty("HOME").map(|p| p.join(".cache").join("roost")))
@@ -199,8 +211,11 @@ impl CacheEntry {
         if final_dir.is_dir() {
             return Ok((final_dir, Origin::Cached));
         }
-        let staging =
-            self.kind_dir.join(format!(".staging-{}-{}", self.key.as_str(), std::process::id()));
+        let staging = self.kind_dir.join(format!(
+            ".staging-{}-{}",
+            self.key.as_str(),
+            std::process::id()
+        ));
         remove_dir_if_present(&staging)?;
         fs::create_dir_all(&staging).map_err(CacheError::io(&staging))?;
         let guard = StagingGuard(staging.clone());
@@ -215,7 +230,10 @@ fn remove_dir_if_present(path: &Path) -> Result<(), CacheError> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(CacheError::Io { path: path.to_owned(), source: e }),
+        Err(e) => Err(CacheError::Io {
+            path: path.to_owned(),
+            source: e,
+        }),
     }
 }
 
@@ -246,8 +264,14 @@ mod tests {
         assert_eq!(key(&[("a", "1")]), key(&[("a", "1")]));
         assert_ne!(key(&[("a", "1")]), key(&[("a", "2")]));
         assert_ne!(key(&[("a", "bc")]), key(&[("ab", "c")]));
-        assert_ne!(key(&[("a", "1"), ("b", "2")]), key(&[("b", "2"), ("a", "1")]));
-        assert_ne!(CacheKeyBuilder::new("x").finish(), CacheKeyBuilder::new("y").finish());
+        assert_ne!(
+            key(&[("a", "1"), ("b", "2")]),
+            key(&[("b", "2"), ("a", "1")])
+        );
+        assert_ne!(
+            CacheKeyBuilder::new("x").finish(),
+            CacheKeyBuilder::new("y").finish()
+        );
     }
 
     #[test]
@@ -255,9 +279,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         fs::write(&path, "one").unwrap();
-        let first = CacheKeyBuilder::new("t").add_file("f", &path).unwrap().finish();
+        let first = CacheKeyBuilder::new("t")
+            .add_file("f", &path)
+            .unwrap()
+            .finish();
         fs::write(&path, "two").unwrap();
-        let second = CacheKeyBuilder::new("t").add_file("f", &path).unwrap().finish();
+        let second = CacheKeyBuilder::new("t")
+            .add_file("f", &path)
+            .unwrap()
+            .finish();
         assert_ne!(first, second);
         assert_eq!(second.short().len(), 16);
     }

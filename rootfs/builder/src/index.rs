@@ -20,8 +20,14 @@ pub enum IndexError {
         "no `{name}` artefact has been built yet (looked in {path}); run `roost images build` first"
     )]
     NotBuilt { name: String, path: PathBuf },
-    #[error("the `{name}` artefact recorded in {record} is missing at {artefact}; run `roost images build` again")]
-    Vanished { name: String, record: PathBuf, artefact: PathBuf },
+    #[error(
+        "the `{name}` artefact recorded in {record} is missing at {artefact}; run `roost images build` again"
+    )]
+    Vanished {
+        name: String,
+        record: PathBuf,
+        artefact: PathBuf,
+    },
     #[error("index I/O on {path}")]
     Io {
         path: PathBuf,
@@ -58,7 +64,9 @@ pub struct ArtefactIndex {
 impl ArtefactIndex {
     /// The index kept in `cache`.
     pub fn new(cache: &Cache) -> Self {
-        Self { dir: cache.root().join("index") }
+        Self {
+            dir: cache.root().join("index"),
+        }
     }
 
     fn record_path(&self, name: &str) -> PathBuf {
@@ -74,8 +82,10 @@ impl ArtefactIndex {
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let path = self.record_path(&artefact.name);
         let tmp = path.with_extension(format!("json.{}", std::process::id()));
-        let json = serde_json::to_vec_pretty(artefact)
-            .map_err(|source| IndexError::Corrupt { path: path.clone(), source })?;
+        let json = serde_json::to_vec_pretty(artefact).map_err(|source| IndexError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         fs::write(&tmp, json).map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
@@ -86,12 +96,18 @@ impl ArtefactIndex {
         let text = match fs::read(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(IndexError::NotBuilt { name: name.to_owned(), path });
+                return Err(IndexError::NotBuilt {
+                    name: name.to_owned(),
+                    path,
+                });
             }
             Err(source) => return Err(IndexError::Io { path, source }),
         };
-        let artefact: Artefact = serde_json::from_slice(&text)
-            .map_err(|source| IndexError::Corrupt { path: path.clone(), source })?;
+        let artefact: Artefact =
+            serde_json::from_slice(&text).map_err(|source| IndexError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         if !artefact.path.exists() {
             return Err(IndexError::Vanished {
                 name: name.to_owned(),
@@ -114,8 +130,12 @@ mod tests {
         let index = ArtefactIndex::new(&cache);
         let file = dir.path().join("vmlinux");
         fs::write(&file, "elf").unwrap();
-        let artefact =
-            Artefact { name: "kernel".into(), path: file, key: "ab".repeat(32), size_bytes: 3 };
+        let artefact = Artefact {
+            name: "kernel".into(),
+            path: file,
+            key: "ab".repeat(32),
+            size_bytes: 3,
+        };
         index.record(&artefact).unwrap();
         assert_eq!(index.lookup("kernel").unwrap(), artefact);
     }
@@ -135,6 +155,9 @@ mod tests {
             size_bytes: 0,
         };
         index.record(&artefact).unwrap();
-        assert!(matches!(index.lookup("kernel"), Err(IndexError::Vanished { .. })));
+        assert!(matches!(
+            index.lookup("kernel"),
+            Err(IndexError::Vanished { .. })
+        ));
     }
 }

@@ -28,13 +28,23 @@ impl Progress {
     /// Live bars when stderr is a terminal, plain lines otherwise.
     pub fn to_stderr() -> Self {
         let interactive = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
-        let mode = if interactive { Mode::Interactive } else { Mode::Plain };
-        Self { multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()), mode }
+        let mode = if interactive {
+            Mode::Interactive
+        } else {
+            Mode::Plain
+        };
+        Self {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            mode,
+        }
     }
 
     /// No output at all (tests).
     pub fn silent() -> Self {
-        Self { multi: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()), mode: Mode::Silent }
+        Self {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()),
+            mode: Mode::Silent,
+        }
     }
 
     /// Starts a task labelled `name` (e.g. `kernel`, `rootfs base`).
@@ -86,7 +96,11 @@ pub struct Task {
 impl Task {
     fn say(&self, message: &str) {
         if self.mode == Mode::Plain {
-            eprintln!("[{} {:>4}s] {message}", self.name, self.started.elapsed().as_secs());
+            eprintln!(
+                "[{} {:>4}s] {message}",
+                self.name,
+                self.started.elapsed().as_secs()
+            );
         }
     }
 

@@ -17,7 +17,9 @@ const TAIL_LINES: usize = 30;
 /// Errors running an external tool.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot start `{program}`: is it installed? (`.ci/dev setup` installs the build tools)")]
+    #[error(
+        "cannot start `{program}`: is it installed? (`.ci/dev setup` installs the build tools)"
+    )]
     Spawn {
         program: String,
         #[source]
@@ -30,7 +32,12 @@ pub enum RunError {
         source: io::Error,
     },
     #[error("`{program}` failed with {status}; full log: {log}\n--- last lines ---\n{tail}")]
-    Failed { program: String, status: ExitStatus, log: PathBuf, tail: String },
+    Failed {
+        program: String,
+        status: ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
 }
 
 /// Runs `command`, appending its stdout and stderr to `log` and passing each line to `task`
@@ -46,7 +53,10 @@ pub fn run_logged(
         .create(true)
         .append(true)
         .open(log)
-        .map_err(|source| RunError::Log { path: log.to_owned(), source })?;
+        .map_err(|source| RunError::Log {
+            path: log.to_owned(),
+            source,
+        })?;
     let log_file = Arc::new(Mutex::new(log_file));
     {
         let mut f = log_file.lock().expect("log lock");
@@ -57,7 +67,10 @@ pub fn run_logged(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| RunError::Spawn { program: program.clone(), source })?;
+        .map_err(|source| RunError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let tail = Mutex::new(VecDeque::with_capacity(TAIL_LINES));
@@ -84,14 +97,25 @@ pub fn run_logged(
         scope.spawn(|| pump(Box::new(stderr)));
         pump(Box::new(stdout));
     });
-    let status = child
-        .wait()
-        .map_err(|source| RunError::Spawn { program: program.clone(), source })?;
+    let status = child.wait().map_err(|source| RunError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     if status.success() {
         return Ok(());
     }
-    let tail = tail.into_inner().expect("tail lock").into_iter().collect::<Vec<_>>().join("\n");
-    Err(RunError::Failed { program, status, log: log.to_owned(), tail })
+    let tail = tail
+        .into_inner()
+        .expect("tail lock")
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join("\n");
+    Err(RunError::Failed {
+        program,
+        status,
+        log: log.to_owned(),
+        tail,
+    })
 }
 
 #[cfg(test)]

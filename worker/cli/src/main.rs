@@ -4,6 +4,8 @@
 //! this file maps errors to exit codes.
 
 mod cmd_doctor;
+mod cmd_hostvm;
+mod cmd_images;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,18 @@ struct Cli {
 enum Command {
     /// Check what this host can do for Roost (KVM, userfaultfd, tun, device-mapper, cgroups, disk).
     Doctor(cmd_doctor::DoctorArgs),
+    /// Build and list the guest kernel and root filesystem images (cached by content hash).
+    #[command(subcommand)]
+    Images(cmd_images::ImagesCommand),
+    /// Run commands inside the host VM, a QEMU TCG machine with a real /dev/kvm.
+    #[command(subcommand)]
+    Hostvm(HostvmCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum HostvmCommand {
+    /// Boot the host VM, run CMD inside it, stream its output and exit with its status.
+    Run(cmd_hostvm::HostvmRunArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +51,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => cmd_doctor::run(args),
+        Command::Images(command) => cmd_images::run(command),
+        Command::Hostvm(HostvmCommand::Run(args)) => cmd_hostvm::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),

@@ -26,13 +26,24 @@ fn kvm_verdict_matches_the_loaded_kvm_module() {
     let report = doctor_json();
     let kvm = check(&report, "kvm");
     let pvm = Path::new("/sys/module/kvm_pvm").is_dir();
-    let real = ["kvm_intel", "kvm_amd"].iter().any(|m| Path::new("/sys/module").join(m).is_dir());
+    let real = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).is_dir());
     if pvm || !Path::new("/dev/kvm").exists() {
         // These development machines: a PVM-backed /dev/kvm must be declared unusable and the
         // host VM recommended.
         assert_eq!(kvm["status"], "fail", "{kvm}");
-        assert!(kvm["finding"].as_str().unwrap().contains("not usable"), "{kvm}");
-        assert!(kvm["recommendation"].as_str().unwrap().contains("roost hostvm run"), "{kvm}");
+        assert!(
+            kvm["finding"].as_str().unwrap().contains("not usable"),
+            "{kvm}"
+        );
+        assert!(
+            kvm["recommendation"]
+                .as_str()
+                .unwrap()
+                .contains("roost hostvm run"),
+            "{kvm}"
+        );
     } else if real {
         assert_eq!(kvm["status"], "ok", "{kvm}");
     } else {
@@ -43,7 +54,14 @@ fn kvm_verdict_matches_the_loaded_kvm_module() {
 #[test]
 fn every_area_is_checked_with_a_recommendation() {
     let report = doctor_json();
-    for name in ["kvm", "userfaultfd", "tun", "device-mapper", "cgroup-v2", "disk"] {
+    for name in [
+        "kvm",
+        "userfaultfd",
+        "tun",
+        "device-mapper",
+        "cgroup-v2",
+        "disk",
+    ] {
         let c = check(&report, name);
         assert!(!c["recommendation"].as_str().unwrap().is_empty(), "{c}");
     }
@@ -51,9 +69,19 @@ fn every_area_is_checked_with_a_recommendation() {
 
 #[test]
 fn table_output_names_each_check() {
-    let output = Command::new(env!("CARGO_BIN_EXE_roost")).arg("doctor").output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("doctor")
+        .output()
+        .unwrap();
     let text = String::from_utf8(output.stdout).unwrap();
-    for name in ["kvm", "userfaultfd", "tun", "device-mapper", "cgroup-v2", "disk"] {
+    for name in [
+        "kvm",
+        "userfaultfd",
+        "tun",
+        "device-mapper",
+        "cgroup-v2",
+        "disk",
+    ] {
         assert!(text.contains(name), "{text}");
     }
 }
