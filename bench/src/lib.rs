@@ -4,4 +4,5 @@
 //! and noisy, so only medians and ratios mean anything) and ends by printing one JSON object.
 
 pub mod guest_boot;
+pub mod hostvm;
 pub mod stats;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roost_bench::guest_boot::{Accel, GuestImages, QemuMicrovm};
+use roost_bench::hostvm::HostVmBench;
 use roost_bench::stats;
 
 #[derive(Parser, Debug)]
@@ -20,6 +21,28 @@ enum Scenario {
     /// Boot the guest kernel + a rootfs image N times to roost-agent's ready line (needs a
     /// usable KVM: run it inside the host VM with `roost hostvm run -- roost-bench guest-boot`).
     GuestBoot(GuestBootArgs),
+    /// Boot the host VM N times, each running one nested guest boot: host-VM boot time and
+    /// host-VM start → the nested guest's ready line (run on the machine itself, not inside).
+    Hostvm(HostvmArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct HostvmArgs {
+    /// Number of host-VM runs (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// Root filesystem image of the nested guest, without the `rootfs-` prefix.
+    #[arg(long, default_value = "base")]
+    image: String,
+    /// Virtual CPUs of the host VM.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// Memory of the host VM in MiB.
+    #[arg(long, default_value_t = 2048)]
+    mem: u32,
+    /// Seconds to allow each host-VM run.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -56,7 +79,48 @@ struct GuestBootArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::GuestBoot(args) => guest_boot(args),
+        Scenario::Hostvm(args) => hostvm(args),
     }
+}
+
+fn hostvm(args: HostvmArgs) -> anyhow::Result<()> {
+    let bench = HostVmBench {
+        cpus: args.cpus,
+        mem_mib: args.mem,
+        image: args.image.clone(),
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let (mut host_boot, mut to_ready, mut inside) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        let sample = bench
+            .run_once()
+            .with_context(|| format!("host-VM run {} of {}", run + 1, args.runs))?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        eprintln!(
+            "run {}/{}: host VM booted in {:.0} ms, nested guest ready at {:.0} ms",
+            run + 1,
+            args.runs,
+            ms(sample.host_boot),
+            ms(sample.start_to_guest_ready)
+        );
+        host_boot.push(ms(sample.host_boot));
+        to_ready.push(ms(sample.start_to_guest_ready));
+        inside.extend(sample.guest_boot_inside.map(ms));
+    }
+    let host = stats::summarise(&host_boot).context("no samples")?;
+    let ready = stats::summarise(&to_ready).context("no samples")?;
+    let report = serde_json::json!({
+        "scenario": "hostvm",
+        "image": args.image,
+        "runs": host.runs,
+        "hostvm_boot_ms_p50": host.p50_ms,
+        "hostvm_start_to_guest_ready_ms_p50": ready.p50_ms,
+        "guest_boot_inside_ms_p50": stats::median(&inside),
+        "hostvm_boot_samples_ms": host_boot,
+        "start_to_guest_ready_samples_ms": to_ready,
+    });
+    println!("{report}");
+    Ok(())
 }
 
 fn guest_boot(args: GuestBootArgs) -> anyhow::Result<()> {
