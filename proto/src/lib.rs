@@ -4,6 +4,7 @@
 //! that the three services cannot drift apart. Today this is the identifier scheme; the
 //! control channel, tunnel headers and framing join it as those parts are built.
 
+pub mod agent;
 pub mod ids;
 
 pub use ids::{IdError, SandboxId};

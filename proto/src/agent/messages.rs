@@ -1,0 +1,350 @@
+//! Control messages (JSON in tag-0 frames) and the frame sequence of each operation.
+//!
+//! | operation | client sends | agent answers |
+//! |---|---|---|
+//! | hello | `Request{op: hello}` | `Hello` |
+//! | health | `Request{op: health}` | `Health` |
+//! | exec | `Request{op: exec}`, then stdin data, `CloseStdin`, `Signal` in any order | `Started{pid}`, stdout/stderr data, then `Exited` last |
+//! | read_file | `Request{op: read_file}` | `FileInfo`, file data, then `Done{bytes}` |
+//! | write_file | `Request{op: write_file}`, waits for `Accepted`, file data, `End` | `Accepted`, then `Done{bytes}` after `End` |
+//! | forward | `Request{op: forward}` | `Connected`, then both sides send raw bytes (no frames) |
+//!
+//! Any step may instead get an `Error` from the agent, after which it closes the connection.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The first frame of every connection from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The protocol version the client speaks.
+    pub version: u32,
+    #[serde(flatten)]
+    pub op: Operation,
+}
+
+impl Request {
+    /// A request for `op` in this build's protocol version.
+    pub fn new(op: Operation) -> Self {
+        Self {
+            version: super::PROTOCOL_VERSION,
+            op,
+        }
+    }
+}
+
+/// What a connection is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Operation {
+    /// Ask for the agent's [`Hello`] (versions) again, e.g. after a snapshot restore.
+    Hello,
+    /// Ask for [`Health`].
+    Health,
+    Exec(ExecRequest),
+    ReadFile(ReadFileRequest),
+    WriteFile(WriteFileRequest),
+    Forward(ForwardRequest),
+}
+
+/// Run a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub program: Program,
+    /// Variables added to (or replacing those of) the agent's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Start from an empty environment instead of the agent's (plus `HOME`, `USER` and a
+    /// default `PATH` when [`ExecRequest::user`] is set).
+    #[serde(default)]
+    pub clear_env: bool,
+    /// Absolute working directory; the agent's own (or the user's home) if absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Run as this user instead of the agent's.
+    #[serde(default)]
+    pub user: Option<UserSpec>,
+    /// Connect the process's stdin to the connection; otherwise it reads `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// The program of an exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Program {
+    /// `argv[0]` is looked up in `PATH`.
+    Argv(Vec<String>),
+    /// Run by `/bin/sh -c`.
+    Shell(String),
+}
+
+/// A numeric user and group. The agent also sets `HOME` and `USER` from `/etc/passwd` when the
+/// uid has an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSpec {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Stream a file out of the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadFileRequest {
+    /// Absolute path.
+    pub path: String,
+}
+
+/// Stream a file into the guest: created, or truncated and overwritten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFileRequest {
+    /// Absolute path.
+    pub path: String,
+    /// Permission bits of a newly created file (default `0o644`); an existing file's mode is
+    /// changed to this when given.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Create missing parent directories (mode `0o755`).
+    #[serde(default)]
+    pub create_dirs: bool,
+    /// Owner of the file and of directories created for it.
+    #[serde(default)]
+    pub owner: Option<UserSpec>,
+}
+
+/// Connect to `127.0.0.1:port` inside the guest and splice bytes both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    pub port: u16,
+}
+
+/// Messages from the client after its [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// Exec: close the process's stdin.
+    CloseStdin,
+    /// Exec: send this signal number to the process group.
+    Signal { signal: i32 },
+    /// Write file: all content has been sent.
+    End,
+}
+
+/// Messages from the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The agent's announcement on [`super::READY_PORT`], and the answer to `hello`.
+    Hello(Hello),
+    Health(Health),
+    /// Exec: the process runs.
+    Started {
+        pid: u32,
+    },
+    /// Exec: the process ended; the last message of an exec.
+    Exited(ExitStatus),
+    /// Read file: size and mode, before the content.
+    FileInfo {
+        size: u64,
+        mode: u32,
+    },
+    /// Write file: the file is open, send the content.
+    Accepted,
+    /// A file operation finished; `bytes` were transferred.
+    Done {
+        bytes: u64,
+    },
+    /// Forward: connected; raw bytes follow in both directions.
+    Connected,
+    /// The operation failed; the agent closes the connection after it.
+    Error(ErrorReply),
+}
+
+/// Who the agent is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub min_protocol_version: u32,
+    /// The agent's crate version.
+    pub agent_version: String,
+    pub hostname: String,
+}
+
+/// How the guest is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Seconds since the guest booted (`/proc/uptime`).
+    pub uptime_secs: f64,
+    /// 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    pub memory: MemoryInfo,
+    /// Processes and threads in the guest.
+    #[serde(default)]
+    pub tasks: u32,
+}
+
+/// From `/proc/meminfo`, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    pub total_kib: u64,
+    pub available_kib: u64,
+}
+
+/// How a process ended: exactly one of the two is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when it exited.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(signal)) => write!(f, "killed by signal {signal}"),
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// Why an operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    /// For people: what failed and why.
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+/// Error classes a client can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Unparseable frame, unknown operation, a message out of sequence, bad argument.
+    BadRequest,
+    /// A frame longer than [`super::MAX_FRAME_LEN`].
+    FrameTooLarge,
+    UnsupportedVersion,
+    NotFound,
+    PermissionDenied,
+    IsADirectory,
+    NotADirectory,
+    /// Forward: nothing listens on the port.
+    ConnectionRefused,
+    /// Exec: the program could not be started.
+    SpawnFailed,
+    /// Any other I/O failure inside the guest.
+    Io,
+    /// A kind this build does not know (sent by a newer peer).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad request",
+            Self::FrameTooLarge => "frame too large",
+            Self::UnsupportedVersion => "unsupported protocol version",
+            Self::NotFound => "not found",
+            Self::PermissionDenied => "permission denied",
+            Self::IsADirectory => "is a directory",
+            Self::NotADirectory => "not a directory",
+            Self::ConnectionRefused => "connection refused",
+            Self::SpawnFailed => "spawn failed",
+            Self::Io => "I/O error",
+            Self::Other => "error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_is_flat_and_round_trips() {
+        let request = Request::new(Operation::Exec(ExecRequest {
+            program: Program::Argv(vec!["echo".into(), "hi".into()]),
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            clear_env: false,
+            cwd: Some("/tmp".into()),
+            user: Some(UserSpec {
+                uid: 1000,
+                gid: 1000,
+            }),
+            stdin: true,
+        }));
+        let json = serde_json::to_string(&request).unwrap();
+        assert!(
+            json.starts_with(r#"{"version":1,"op":"exec","program":{"argv":["#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request);
+    }
+
+    #[test]
+    fn optional_fields_may_be_omitted_and_unknown_ones_are_ignored() {
+        let json = r#"{"version":1,"op":"exec","program":{"shell":"true"},"future":42}"#;
+        let request: Request = serde_json::from_str(json).unwrap();
+        let Operation::Exec(exec) = request.op else {
+            panic!("{request:?}")
+        };
+        assert_eq!(exec.program, Program::Shell("true".into()));
+        assert!(exec.env.is_empty() && !exec.stdin && exec.user.is_none());
+    }
+
+    #[test]
+    fn unknown_error_kinds_from_a_newer_agent_decode_as_other() {
+        let json = r#"{"type":"error","kind":"quota_exceeded","message":"m"}"#;
+        let message: AgentMessage = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            message,
+            AgentMessage::Error(ErrorReply::new(ErrorKind::Other, "m"))
+        );
+    }
+
+    #[test]
+    fn unknown_operations_are_rejected() {
+        let json = r#"{"version":1,"op":"format_disk"}"#;
+        assert!(serde_json::from_str::<Request>(json).is_err());
+    }
+
+    #[test]
+    fn exit_status_display() {
+        let exited = ExitStatus {
+            code: Some(3),
+            signal: None,
+        };
+        let killed = ExitStatus {
+            code: None,
+            signal: Some(9),
+        };
+        assert_eq!(exited.to_string(), "exit code 3");
+        assert_eq!(killed.to_string(), "killed by signal 9");
+        assert!(!exited.success() && !killed.success());
+    }
+}
