@@ -5,6 +5,7 @@
 //! a few subcommands ([`cli`]). Later the same binary serves the worker's vsock protocol and
 //! the E2B-compatible API beside the init loop.
 
+mod children;
 mod cli;
 mod init;
 mod log;
