@@ -10,6 +10,7 @@ use event_manager::{EventOps, EventSet, Events};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::device::{ActivateError, Activation};
+use super::persist::QueueSnapshot;
 use super::ratelimit::guest_warn;
 
 /// Activation state of one device plus its epoll registrations.
@@ -126,6 +127,14 @@ impl DeviceLifecycle {
     /// Mutable access to the running device's queues, if active.
     pub fn active_mut(&mut self) -> Option<&mut Activation> {
         self.active.as_mut()
+    }
+
+    /// Positions of the running queues (empty when not active).
+    pub fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueueSnapshot::from).collect())
+            .unwrap_or_default()
     }
 
     /// Whether the device is active.

@@ -10,17 +10,35 @@
 //! Queues are `virtio_queue::Queue` split rings; guest memory is `vm_memory::GuestMemoryMmap`.
 //! The VM core's wiring is described in `helpers/VMM-INTERFACE.md` and the crate README.
 
+pub mod block;
 pub mod device;
 pub mod interrupt;
 pub mod lifecycle;
 pub mod mmio;
 pub mod persist;
 pub(crate) mod ratelimit;
+pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
+pub use block::{Block, BlockConfig, BlockError, BlockState};
 pub use device::{ActivateError, Activation, VirtioDevice};
 pub use interrupt::{InterruptKind, VirtioInterrupt};
 pub use mmio::{MmioError, MmioTransport, MmioTransportState};
 pub use persist::{QueueSnapshot, VirtioDeviceState};
+pub use rng::{Rng, RngError, RngState};
+
+use std::sync::{Arc, Mutex};
+
+/// A new block device for the VM core's builder.
+pub fn block(cfg: BlockConfig) -> Result<Arc<Mutex<Block>>, BlockError> {
+    Ok(Arc::new(Mutex::new(Block::new(cfg)?)))
+}
+
+/// A new entropy device for the VM core's builder.
+pub fn rng() -> Result<Arc<Mutex<Rng>>, RngError> {
+    Ok(Arc::new(Mutex::new(Rng::new()?)))
+}
 
 /// `VIRTIO_F_VERSION_1` as a feature mask: every device offers it (modern transport only).
 pub const FEATURE_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
