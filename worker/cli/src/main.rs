@@ -6,6 +6,7 @@
 mod cmd_doctor;
 mod cmd_hostvm;
 mod cmd_images;
+mod cmd_vm;
 
 use std::process::ExitCode;
 
@@ -32,12 +33,22 @@ enum Command {
     /// Run commands inside the host VM, a QEMU TCG machine with a real /dev/kvm.
     #[command(subcommand)]
     Hostvm(HostvmCommand),
+    /// Run microVMs with Roost's own VMM.
+    #[command(subcommand)]
+    Vm(VmCommand),
 }
 
 #[derive(Subcommand, Debug)]
 enum HostvmCommand {
     /// Boot the host VM, run CMD inside it, stream its output and exit with its status.
     Run(cmd_hostvm::HostvmRunArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Boot a microVM in the foreground; this process is its VMM. Exit status: 0 shut down,
+    /// 1 could not start, 3 guest kernel panic, 4 VM failure.
+    Run(cmd_vm::VmRunArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +64,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => cmd_doctor::run(args),
         Command::Images(command) => cmd_images::run(command),
         Command::Hostvm(HostvmCommand::Run(args)) => cmd_hostvm::run(args),
+        Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),

@@ -3,4 +3,19 @@
 //!
 //! This is a synchronous library: it never sees HTTP or an async runtime; the worker drives it.
 
+pub mod arch;
+pub mod boot;
+pub mod config;
 pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod privileges;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
+pub use config::VmConfig;
+pub use exit::{ShutdownReason, VmExit};
+pub use vmm::{BuiltVm, Privileges, RunningVm, VmmError, build, run};

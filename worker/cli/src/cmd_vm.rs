@@ -1,0 +1,206 @@
+//! `roost vm run`: this process becomes the VMM and runs one microVM in the foreground.
+//!
+//! Exit codes say how the guest ended:
+//! - 0: the guest shut down (reboot or power-off: with `reboot=t` a triple fault; an i8042
+//!   reset; a KVM power-off event)
+//! - 1: the VM could not be started (invalid configuration, missing files, unusable /dev/kvm)
+//! - 2: command-line usage error
+//! - 3: the guest kernel panicked (the panic line is printed)
+//! - 4: the VM failed while running (KVM internal error, unexpected VM exit, device failure)
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use roost_images::{ArtefactIndex, Cache};
+use roost_vmm::config::{DriveConfig, SeccompMode, SerialConfig, VsockDeviceConfig, vcpus_from};
+use roost_vmm::{VmConfig, VmExit};
+use roost_worker::host_check::{HostProbe, Status};
+
+/// Exit code: the guest shut down.
+pub const EXIT_SHUTDOWN: i32 = 0;
+/// Exit code: the guest kernel panicked.
+pub const EXIT_GUEST_PANIC: i32 = 3;
+/// Exit code: the VM failed while running.
+pub const EXIT_VM_FAILED: i32 = 4;
+
+/// Index names of the default kernel and root filesystem.
+const DEFAULT_KERNEL: &str = "kernel";
+const DEFAULT_ROOTFS: &str = "rootfs-base";
+
+/// Run a microVM in the foreground (this process is its VMM).
+///
+/// Exit status: 0 the guest shut down, 1 the VM could not start, 2 usage error, 3 the guest
+/// kernel panicked, 4 the VM failed while running.
+#[derive(clap::Args, Debug)]
+pub struct VmRunArgs {
+    /// Uncompressed ELF guest kernel [default: `kernel` from the artefact index].
+    #[arg(long, value_name = "VMLINUX")]
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem image, attached as /dev/vda [default: `rootfs-base` from the index].
+    #[arg(long, value_name = "IMAGE")]
+    pub rootfs: Option<PathBuf>,
+    /// Attach the root filesystem read-only.
+    #[arg(long)]
+    pub rootfs_ro: bool,
+    /// Number of vCPUs (1–16).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u64,
+    /// Guest memory in MiB (64–32768).
+    #[arg(long, default_value_t = 256, value_name = "MiB")]
+    pub mem: u64,
+    /// Kernel command line, replacing the default (the VMM adds virtio_mmio.device= entries).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Extra kernel parameters appended to the command line (e.g. roost.poweroff_after_ready).
+    #[arg(long, value_name = "PARAMS")]
+    pub append: Option<String>,
+    /// Host side of the guest's vsock device: a Unix socket path.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    pub vsock_cid: u32,
+    /// Write the serial console to this file.
+    #[arg(long, value_name = "PATH")]
+    pub serial_log: Option<PathBuf>,
+    /// Also copy the serial console to stdout (the default when --serial-log is not given).
+    #[arg(long)]
+    pub console: bool,
+    /// What seccomp does with a syscall outside a thread's allowlist.
+    #[arg(long, value_enum, default_value_t = SeccompArg::Enforce)]
+    pub seccomp: SeccompArg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum SeccompArg {
+    /// Kill the VMM.
+    Enforce,
+    /// Allow and write to the kernel audit log (finding missing syscalls).
+    Log,
+    /// No filters.
+    Off,
+}
+
+/// The default command line for a root filesystem on the first virtio-blk disk.
+pub fn default_cmdline(read_only: bool) -> String {
+    let mode = if read_only { "ro" } else { "rw" };
+    format!("console=ttyS0 reboot=t panic=-1 root=/dev/vda {mode} rootfstype=ext4 quiet")
+}
+
+fn index_path(name: &str) -> anyhow::Result<PathBuf> {
+    let cache = Cache::from_env().context("cannot find the artefact cache")?;
+    let artefact = ArtefactIndex::new(&cache).lookup(name).with_context(|| {
+        format!("no default `{name}`: pass it explicitly or build it with `roost images build`")
+    })?;
+    Ok(artefact.path)
+}
+
+fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
+    let kernel = match &args.kernel {
+        Some(path) => path.clone(),
+        None => index_path(DEFAULT_KERNEL)?,
+    };
+    let rootfs = match &args.rootfs {
+        Some(path) => path.clone(),
+        None => index_path(DEFAULT_ROOTFS)?,
+    };
+    let mut cmdline = args
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| default_cmdline(args.rootfs_ro));
+    if let Some(extra) = &args.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let mut config = VmConfig::new(kernel, cmdline);
+    config.vcpus = vcpus_from(args.cpus)?;
+    config.mem_mib = args.mem;
+    config.rootfs = Some(DriveConfig {
+        path: rootfs,
+        read_only: args.rootfs_ro,
+    });
+    config.vsock = args.vsock_uds.as_ref().map(|path| VsockDeviceConfig {
+        guest_cid: args.vsock_cid,
+        uds_path: path.clone(),
+    });
+    config.serial = SerialConfig {
+        log_path: args.serial_log.clone(),
+        to_stdout: args.console || args.serial_log.is_none(),
+    };
+    config.seccomp = match args.seccomp {
+        SeccompArg::Enforce => SeccompMode::Enforce,
+        SeccompArg::Log => SeccompMode::Log,
+        SeccompArg::Off => SeccompMode::Off,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// Refuses to start on a /dev/kvm that cannot run guests, saying why and what to do.
+fn require_usable_kvm() -> anyhow::Result<()> {
+    let check = HostProbe::system().kvm();
+    match check.status {
+        Status::Fail => bail!(
+            "{}\n  {}\n  to run a VM on this machine use the host VM: \
+             `roost hostvm run -- roost vm run ...`",
+            check.finding,
+            check.recommendation
+        ),
+        Status::Warn => {
+            tracing::warn!(finding = %check.finding, "KVM backend unknown; trying anyway");
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The exit code for how the guest ended.
+pub fn exit_code(exit: &VmExit) -> i32 {
+    match exit {
+        VmExit::Shutdown(_) | VmExit::Stopped => EXIT_SHUTDOWN,
+        VmExit::Panic { .. } => EXIT_GUEST_PANIC,
+        VmExit::Error { .. } => EXIT_VM_FAILED,
+    }
+}
+
+pub fn run(args: VmRunArgs) -> anyhow::Result<i32> {
+    let config = config(&args)?;
+    require_usable_kvm()?;
+    let vm = roost_vmm::build(&config).context("cannot build the VM")?;
+    tracing::info!(cmdline = vm.cmdline(), "booting");
+    let exit = vm
+        .start(roost_vmm::Privileges::Drop)
+        .context("cannot start the VM")?
+        .wait();
+    eprintln!("roost vm: {exit}");
+    Ok(exit_code(&exit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roost_vmm::ShutdownReason;
+
+    #[test]
+    fn exit_codes_are_distinct_per_outcome() {
+        assert_eq!(exit_code(&VmExit::Shutdown(ShutdownReason::TripleFault)), 0);
+        assert_eq!(exit_code(&VmExit::Panic { line: "x".into() }), 3);
+        assert_eq!(exit_code(&VmExit::Error { detail: "x".into() }), 4);
+    }
+
+    #[test]
+    fn default_cmdline_follows_the_kernel_readme() {
+        let line = default_cmdline(true);
+        for part in [
+            "console=ttyS0",
+            "reboot=t",
+            "panic=-1",
+            "root=/dev/vda",
+            " ro ",
+            "quiet",
+        ] {
+            assert!(line.contains(part), "{line}");
+        }
+        assert!(default_cmdline(false).contains(" rw "));
+    }
+}

@@ -1,0 +1,238 @@
+//! What a VM is made of, and the checks that refuse an impossible VM before anything is built.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Fewest vCPUs a VM may have.
+pub const MIN_VCPUS: u8 = 1;
+/// Most vCPUs a VM may have (the guest kernel's `NR_CPUS` and our MP table are sized for it).
+pub const MAX_VCPUS: u8 = 16;
+/// Smallest guest memory, MiB: the kernel and agent need ~40 MiB to boot.
+pub const MIN_MEM_MIB: u64 = 64;
+/// Largest guest memory, MiB (32 GiB).
+pub const MAX_MEM_MIB: u64 = 32 << 10;
+
+/// The root disk (or any virtio-blk disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// The vsock device: the host side is a Unix socket at `uds_path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockDeviceConfig {
+    pub guest_cid: u32,
+    pub uds_path: PathBuf,
+}
+
+/// Where the guest's serial console output goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConfig {
+    /// A log file (created or truncated).
+    pub log_path: Option<PathBuf>,
+    /// Also copy the console to this process's stdout.
+    pub to_stdout: bool,
+}
+
+/// How the vCPU and device threads' seccomp filters act on a syscall outside the allowlist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeccompMode {
+    /// Kill the VMM process (production).
+    #[default]
+    Enforce,
+    /// Allow but log to the kernel audit log (to find a missing syscall while developing).
+    Log,
+    /// No filters (debugging only).
+    Off,
+}
+
+/// A whole VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// An uncompressed ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// The kernel command line without the `virtio_mmio.device=` entries (the VMM adds them).
+    pub cmdline: String,
+    pub rootfs: Option<DriveConfig>,
+    pub vsock: Option<VsockDeviceConfig>,
+    /// Attach a virtio-rng device.
+    pub rng: bool,
+    pub serial: SerialConfig,
+    pub seccomp: SeccompMode,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0} vCPUs requested: a VM has {MIN_VCPUS} to {MAX_VCPUS} vCPUs")]
+    VcpuCount(u64),
+    #[error(
+        "{0} MiB of memory requested: a VM has {MIN_MEM_MIB} MiB to {MAX_MEM_MIB} MiB (32 GiB)"
+    )]
+    MemorySize(u64),
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error("the vsock socket's directory {0} does not exist")]
+    VsockDirMissing(PathBuf),
+    #[error("vsock guest CID {0} is reserved: use 3 or more")]
+    ReservedCid(u32),
+    #[error("the kernel command line is {len} bytes with the device entries; the limit is {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel: 1 vCPU, 256 MiB, no devices.
+    pub fn new(kernel: impl Into<PathBuf>, cmdline: impl Into<String>) -> Self {
+        Self {
+            vcpus: 1,
+            mem_mib: 256,
+            kernel: kernel.into(),
+            cmdline: cmdline.into(),
+            rootfs: None,
+            vsock: None,
+            rng: true,
+            serial: SerialConfig::default(),
+            seccomp: SeccompMode::Enforce,
+        }
+    }
+
+    /// Guest memory in bytes (valid after [`VmConfig::validate`]).
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+
+    /// Refuses sizes out of range and files that are not there; says which and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_VCPUS..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ConfigError::VcpuCount(self.vcpus.into()));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::MemorySize(self.mem_mib));
+        }
+        require_file("kernel", &self.kernel)?;
+        if let Some(drive) = &self.rootfs {
+            require_file("root filesystem image", &drive.path)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.guest_cid < 3 {
+                return Err(ConfigError::ReservedCid(vsock.guest_cid));
+            }
+            let dir = match vsock.uds_path.parent() {
+                Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+                Some(dir) => dir,
+                None => Path::new("/"),
+            };
+            if !dir.is_dir() {
+                return Err(ConfigError::VsockDirMissing(dir.to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a vCPU count given as a wider integer (command lines) before narrowing it.
+pub fn vcpus_from(count: u64) -> Result<u8, ConfigError> {
+    u8::try_from(count)
+        .ok()
+        .filter(|n| (MIN_VCPUS..=MAX_VCPUS).contains(n))
+        .ok_or(ConfigError::VcpuCount(count))
+}
+
+fn require_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::NotAFile {
+            what,
+            path: path.to_owned(),
+        }),
+        Err(_) => Err(ConfigError::Missing {
+            what,
+            path: path.to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(dir: &Path) -> VmConfig {
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        VmConfig::new(kernel, "console=ttyS0")
+    }
+
+    #[test]
+    fn accepts_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = valid(dir.path());
+        for (vcpus, mem) in [(1, 64), (16, 32 << 10)] {
+            cfg.vcpus = vcpus;
+            cfg.mem_mib = mem;
+            assert_eq!(cfg.validate(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn refuses_out_of_range_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = valid(dir.path());
+        for vcpus in [0, 17] {
+            cfg.vcpus = vcpus;
+            assert_eq!(cfg.validate(), Err(ConfigError::VcpuCount(vcpus.into())));
+        }
+        cfg.vcpus = 2;
+        for mem in [63, (32 << 10) + 1] {
+            cfg.mem_mib = mem;
+            let err = cfg.validate().unwrap_err();
+            assert_eq!(err, ConfigError::MemorySize(mem));
+            assert!(err.to_string().contains("64 MiB to 32768 MiB"), "{err}");
+        }
+        assert_eq!(vcpus_from(300), Err(ConfigError::VcpuCount(300)));
+        assert_eq!(vcpus_from(16), Ok(16));
+    }
+
+    #[test]
+    fn refuses_missing_files_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = valid(dir.path());
+        cfg.rootfs = Some(DriveConfig {
+            path: dir.path().join("nope.ext4"),
+            read_only: true,
+        });
+        let err = cfg.validate().unwrap_err();
+        assert!(err.to_string().contains("root filesystem image"), "{err}");
+        assert!(err.to_string().contains("nope.ext4"), "{err}");
+        cfg.rootfs = None;
+        cfg.kernel = dir.path().to_owned();
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::NotAFile { what: "kernel", .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_vsock_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = valid(dir.path());
+        cfg.vsock = Some(VsockDeviceConfig {
+            guest_cid: 2,
+            uds_path: dir.path().join("v.sock"),
+        });
+        assert_eq!(cfg.validate(), Err(ConfigError::ReservedCid(2)));
+        cfg.vsock = Some(VsockDeviceConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("absent/v.sock"),
+        });
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::VsockDirMissing(_))
+        ));
+    }
+}

@@ -1,0 +1,190 @@
+//! The device event loop: one thread running an event-manager epoll loop for every virtio
+//! device (queue kicks, vsock sockets, activation), plus a stop eventfd so the VM can end it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use seccompiler::BpfProgram;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::exit::{ExitCoordinator, VmExit};
+
+/// A device as the event loop sees it.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Why the event loop could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    #[error("could not create the device event loop")]
+    Create(#[source] event_manager::Error),
+    #[error("could not create the event loop's stop eventfd")]
+    StopFd(#[source] std::io::Error),
+    #[error("could not spawn the device thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Ends the loop when its eventfd is written.
+struct Stopper {
+    evt: EventFd,
+    stopped: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for Stopper {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            tracing::error!(error = ?e, "could not watch the event loop's stop eventfd");
+        }
+    }
+}
+
+/// The loop before it runs: devices are added while the VM is built.
+pub struct EventLoop {
+    manager: EventManager<Subscriber>,
+    stop_evt: EventFd,
+    stopped: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop").finish_non_exhaustive()
+    }
+}
+
+impl EventLoop {
+    pub fn new() -> Result<Self, EventLoopError> {
+        let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Create)?;
+        let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::StopFd)?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stopper = Stopper {
+            evt: stop_evt.try_clone().map_err(EventLoopError::StopFd)?,
+            stopped: stopped.clone(),
+        };
+        manager.add_subscriber(Arc::new(Mutex::new(stopper)));
+        Ok(Self {
+            manager,
+            stop_evt,
+            stopped,
+        })
+    }
+
+    /// Adds a device; its `init` runs now (registers its first fds).
+    pub fn add(&mut self, subscriber: Subscriber) {
+        self.manager.add_subscriber(subscriber);
+    }
+
+    /// Starts the device thread; it installs `seccomp` first.
+    pub fn spawn(
+        self,
+        seccomp: Option<BpfProgram>,
+        exits: Arc<ExitCoordinator>,
+    ) -> Result<RunningEventLoop, EventLoopError> {
+        let Self {
+            mut manager,
+            stop_evt,
+            stopped,
+        } = self;
+        let thread_stopped = stopped.clone();
+        let thread = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::install(seccomp.as_ref()) {
+                    exits.request(VmExit::Error {
+                        detail: format!("device thread: {e}"),
+                    });
+                    return;
+                }
+                while !thread_stopped.load(Ordering::SeqCst) {
+                    if let Err(e) = manager.run() {
+                        exits.request(VmExit::Error {
+                            detail: format!("device event loop failed: {e}"),
+                        });
+                        return;
+                    }
+                }
+            })
+            .map_err(EventLoopError::Spawn)?;
+        Ok(RunningEventLoop {
+            thread: Some(thread),
+            stop_evt,
+            stopped,
+        })
+    }
+}
+
+/// The running device thread.
+#[derive(Debug)]
+pub struct RunningEventLoop {
+    thread: Option<JoinHandle<()>>,
+    stop_evt: EventFd,
+    stopped: Arc<AtomicBool>,
+}
+
+impl RunningEventLoop {
+    /// Stops the loop and joins its thread (dropping every device it owned).
+    pub fn stop(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = self.stop_evt.write(1);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the device thread panicked");
+        }
+    }
+}
+
+impl Drop for RunningEventLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Counter {
+        evt: EventFd,
+        seen: Arc<AtomicUsize>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+            let _ = self.evt.read();
+            self.seen.fetch_add(1, Ordering::SeqCst);
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+    }
+
+    #[test]
+    fn runs_devices_and_stops_on_request() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let mut event_loop = EventLoop::new().unwrap();
+        event_loop.add(Arc::new(Mutex::new(Counter {
+            evt: evt.try_clone().unwrap(),
+            seen: seen.clone(),
+        })));
+        let mut running = event_loop
+            .spawn(None, Arc::new(ExitCoordinator::new()))
+            .unwrap();
+        evt.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while seen.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        running.stop();
+        assert!(running.thread.is_none());
+    }
+}

@@ -1,0 +1,410 @@
+//! Building a VM from a [`VmConfig`] and running it to its end.
+//!
+//! [`build`] does everything that needs privileges or can fail cleanly before the guest runs:
+//! /dev/kvm, guest memory, the serial log, devices and their sockets, the kernel, boot
+//! structures and vCPUs. [`BuiltVm::start`] then drops privileges, spawns the device thread and
+//! one thread per vCPU (each under its seccomp filter). [`RunningVm::wait`] returns how the VM
+//! ended after every thread has been joined; dropping it releases every fd and mapping.
+
+use std::fs::File;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::IoEventAddress;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{mptable, regs};
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::{ConsoleSink, I8042, SerialDevice};
+use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
+use crate::event_loop::{EventLoop, EventLoopError, RunningEventLoop, Subscriber};
+use crate::exit::{ExitCoordinator, ShutdownReason, VmExit};
+use crate::layout;
+use crate::memory::{self, MemoryError};
+use crate::privileges::{self, PrivilegeError};
+use crate::seccomp::{self, SeccompError, ThreadKind};
+use crate::vcpu::{self, RunControl, RunState, Vcpu, VcpuError, VcpuShared};
+use crate::vm::{Vm, VmError};
+
+/// Offset of the virtio-mmio `QueueNotify` register (written with the queue index).
+const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+/// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
+const KICK_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Why a VM could not be built or started.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("invalid VM configuration")]
+    Config(#[from] ConfigError),
+    #[error("could not create the VM")]
+    Vm(#[from] VmError),
+    #[error("could not create guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("could not load the guest kernel")]
+    Boot(#[from] BootError),
+    #[error("could not write the MP table")]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("could not write the boot page tables and descriptor tables")]
+    BootStructures(#[source] vm_memory::GuestMemoryError),
+    #[error("could not set up a vCPU")]
+    Vcpu(#[from] VcpuError),
+    #[error("could not create the serial log {path}")]
+    SerialLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("could not register an irqfd for GSI {gsi}")]
+    Irqfd {
+        gsi: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("could not register an ioeventfd at {addr:#x}")]
+    Ioeventfd {
+        addr: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("could not place a device on the bus")]
+    Bus(#[from] BusError),
+    #[error("too many virtio devices: GSIs run out after {0}")]
+    TooManyDevices(usize),
+    #[error("could not create the {0} device")]
+    Device(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+    #[error("could not set up the device event loop")]
+    EventLoop(#[from] EventLoopError),
+    #[error("could not set up seccomp")]
+    Seccomp(#[from] SeccompError),
+    #[error("could not drop privileges")]
+    Privileges(#[from] PrivilegeError),
+    #[error("could not spawn the thread of vCPU {0}")]
+    SpawnVcpu(u8, #[source] std::io::Error),
+}
+
+/// Places virtio devices in consecutive MMIO slots and GSIs, and names them on the command line.
+#[derive(Debug)]
+struct VirtioSlots {
+    next: usize,
+}
+
+impl VirtioSlots {
+    fn allocate(&mut self) -> Result<(u64, u32), VmmError> {
+        let index = self.next;
+        let gsi = u32::try_from(index)
+            .ok()
+            .and_then(|i| layout::FIRST_VIRTIO_GSI.checked_add(i))
+            .filter(|gsi| *gsi <= layout::LAST_GSI)
+            .ok_or(VmmError::TooManyDevices(index))?;
+        let base = layout::VIRTIO_MMIO_BASE
+            + u64::try_from(index).unwrap_or(u64::MAX) * layout::VIRTIO_MMIO_SLOT_SIZE;
+        self.next += 1;
+        Ok((base, gsi))
+    }
+}
+
+/// A VM that is fully set up and has not run yet.
+pub struct BuiltVm {
+    vm: Vm,
+    memory: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    pio: Bus,
+    mmio: Bus,
+    event_loop: EventLoop,
+    exits: Arc<ExitCoordinator>,
+    config: VmConfig,
+    cmdline: String,
+}
+
+impl std::fmt::Debug for BuiltVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltVm")
+            .field("vcpus", &self.vcpus.len())
+            .field("cmdline", &self.cmdline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a VM; nothing runs yet.
+pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
+    config.validate()?;
+    let vm = Vm::new()?;
+    let memory = memory::create_anonymous(config.mem_bytes())?;
+    vm.register_memory(&memory)?;
+    let exits = Arc::new(ExitCoordinator::new());
+
+    let mut pio = Bus::new();
+    let serial = serial_device(&vm, config, exits.clone())?;
+    pio.insert(serial, layout::SERIAL_PORT_BASE, layout::SERIAL_PORT_LEN)?;
+    let reset_exits = exits.clone();
+    let i8042 = I8042::new(Box::new(move || {
+        reset_exits.request(VmExit::Shutdown(ShutdownReason::KeyboardReset));
+    }));
+    pio.insert(
+        Arc::new(Mutex::new(i8042)),
+        layout::I8042_PORT_BASE,
+        layout::I8042_PORT_LEN,
+    )?;
+
+    let mut cmdline = boot::cmdline(&config.cmdline)?;
+    let mut mmio = Bus::new();
+    let mut event_loop = EventLoop::new()?;
+    let mut slots = VirtioSlots { next: 0 };
+    let mut attach = |name: &'static str,
+                      device: Arc<Mutex<dyn VirtioDevice>>,
+                      subscriber: Subscriber|
+     -> Result<(), VmmError> {
+        let (base, gsi) = slots.allocate()?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.fd()
+            .register_irqfd(&irq, gsi)
+            .map_err(|source| VmmError::Irqfd { gsi, source })?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irq));
+        let transport = MmioTransport::new(memory.clone(), device, interrupt)
+            .map_err(|e| VmmError::Device(name, Box::new(e)))?;
+        let notify = base + VIRTIO_MMIO_QUEUE_NOTIFY;
+        for (queue, evt) in (0u32..).zip(transport.queue_events()) {
+            vm.fd()
+                .register_ioevent(evt, &IoEventAddress::Mmio(notify), queue)
+                .map_err(|source| VmmError::Ioeventfd {
+                    addr: notify,
+                    source,
+                })?;
+        }
+        mmio.insert(
+            Arc::new(Mutex::new(transport)),
+            base,
+            layout::VIRTIO_MMIO_SLOT_SIZE,
+        )?;
+        cmdline
+            .add_virtio_mmio_device(layout::VIRTIO_MMIO_SLOT_SIZE, GuestAddress(base), gsi, None)
+            .map_err(|e| VmmError::Boot(BootError::Cmdline(e)))?;
+        event_loop.add(subscriber);
+        tracing::debug!(
+            name,
+            base = format_args!("{base:#x}"),
+            gsi,
+            "virtio device attached"
+        );
+        Ok(())
+    };
+    if config.rng {
+        let rng =
+            crate::devices::virtio::rng().map_err(|e| VmmError::Device("rng", Box::new(e)))?;
+        attach("rng", rng.clone(), rng)?;
+    }
+
+    let cmdline_text = cmdline
+        .as_cstring()
+        .map_err(|e| VmmError::Boot(BootError::Cmdline(e)))?
+        .to_string_lossy()
+        .into_owned();
+    regs::write_boot_structures(&memory).map_err(VmmError::BootStructures)?;
+    mptable::write(&memory, layout::MPTABLE_START, config.vcpus)?;
+    boot::write_boot_params(&memory, config.mem_bytes(), &cmdline)?;
+    let mut kernel = File::open(&config.kernel).map_err(|source| BootError::OpenKernel {
+        path: config.kernel.clone(),
+        source,
+    })?;
+    let entry = boot::load_kernel(&memory, &mut kernel)?;
+    let vcpus = (0..config.vcpus)
+        .map(|index| Vcpu::new(vm.fd(), vm.supported_cpuid(), index, config.vcpus, entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BuiltVm {
+        vm,
+        memory,
+        vcpus,
+        pio,
+        mmio,
+        event_loop,
+        exits,
+        config: config.clone(),
+        cmdline: cmdline_text,
+    })
+}
+
+fn serial_device(
+    vm: &Vm,
+    config: &VmConfig,
+    exits: Arc<ExitCoordinator>,
+) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
+    let log = match &config.serial.log_path {
+        Some(path) => Some(File::create(path).map_err(|source| VmmError::SerialLog {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.fd()
+        .register_irqfd(&irq, layout::SERIAL_GSI)
+        .map_err(|source| VmmError::Irqfd {
+            gsi: layout::SERIAL_GSI,
+            source,
+        })?;
+    let sink = ConsoleSink::new(log, config.serial.to_stdout, exits);
+    Ok(Arc::new(Mutex::new(SerialDevice::new(irq, sink))))
+}
+
+/// Whether [`BuiltVm::start`] drops the process's privileges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privileges {
+    /// Drop all capabilities and set no_new_privs (the VMM process).
+    Drop,
+    /// Keep them (an embedding process that still needs them; tests).
+    Keep,
+}
+
+impl BuiltVm {
+    /// The kernel command line the guest gets (with the virtio-mmio entries).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Drops privileges (if asked) and starts the device and vCPU threads.
+    pub fn start(self, privileges: Privileges) -> Result<RunningVm, VmmError> {
+        vcpu::install_kick_handler()?;
+        let vcpu_filter = seccomp::compile(ThreadKind::Vcpu, self.config.seccomp)?;
+        let device_filter = seccomp::compile(ThreadKind::Device, self.config.seccomp)?;
+        if privileges == Privileges::Drop {
+            privileges::drop_all()?;
+        }
+        let control = Arc::new(RunControl::default());
+        let shared = VcpuShared {
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(self.mmio),
+            exits: self.exits.clone(),
+            control: control.clone(),
+        };
+        let mut running = RunningVm {
+            vcpu_threads: Vec::with_capacity(self.vcpus.len()),
+            event_loop: None,
+            control,
+            exits: self.exits.clone(),
+            started: Instant::now(),
+            _memory: self.memory,
+            _vm: self.vm,
+        };
+        running.event_loop = Some(self.event_loop.spawn(device_filter, self.exits.clone())?);
+        for vcpu in self.vcpus {
+            let index = vcpu.index();
+            let shared = shared.clone();
+            let filter = vcpu_filter.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    if let Err(e) = seccomp::install(filter.as_ref()) {
+                        shared.exits.request(VmExit::Error {
+                            detail: format!("vCPU {index}: {e}"),
+                        });
+                        return;
+                    }
+                    vcpu::run(vcpu, &shared);
+                });
+            match thread {
+                Ok(thread) => running.vcpu_threads.push(thread),
+                Err(e) => {
+                    // `running` stops and joins what did start when dropped.
+                    running.exits.request(VmExit::Error {
+                        detail: format!("could not spawn vCPU {index}"),
+                    });
+                    return Err(VmmError::SpawnVcpu(index, e));
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+/// A VM whose threads are running.
+#[derive(Debug)]
+pub struct RunningVm {
+    vcpu_threads: Vec<JoinHandle<()>>,
+    event_loop: Option<RunningEventLoop>,
+    control: Arc<RunControl>,
+    exits: Arc<ExitCoordinator>,
+    started: Instant,
+    _memory: GuestMemoryMmap,
+    _vm: Vm,
+}
+
+impl RunningVm {
+    /// Blocks until the VM ends, stops every thread and says how it ended.
+    pub fn wait(mut self) -> VmExit {
+        let exit = self.exits.wait();
+        tracing::debug!(%exit, after = ?self.started.elapsed(), "VM ended");
+        self.shutdown();
+        exit
+    }
+
+    /// A handle that can stop the VM from another thread.
+    pub fn stopper(&self) -> Arc<ExitCoordinator> {
+        self.exits.clone()
+    }
+
+    /// Pauses every vCPU: they leave `KVM_RUN` and park. Returns once all are parked.
+    pub fn pause(&self) {
+        self.control.set(RunState::Paused);
+        while self.control.parked() < self.live_vcpus() {
+            self.kick_all();
+            std::thread::sleep(KICK_INTERVAL);
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.control.set(RunState::Running);
+    }
+
+    fn live_vcpus(&self) -> usize {
+        self.vcpu_threads
+            .iter()
+            .filter(|t| !t.is_finished())
+            .count()
+    }
+
+    fn kick_all(&self) {
+        for thread in self.vcpu_threads.iter().filter(|t| !t.is_finished()) {
+            // SAFETY: the pthread_t belongs to a thread we have not joined, so it is valid; the
+            // kick signal's handler is installed and does nothing.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu::kick_signal()) };
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.control.set(RunState::Stopping);
+        while self.live_vcpus() > 0 {
+            self.kick_all();
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        for thread in self.vcpu_threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+        if let Some(mut event_loop) = self.event_loop.take() {
+            event_loop.stop();
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Builds, starts and runs a VM to its end in this (VMM) process, dropping privileges first.
+pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
+    Ok(build(config)?.start(Privileges::Drop)?.wait())
+}
