@@ -7,6 +7,7 @@
 
 mod children;
 mod cli;
+mod envd;
 mod init;
 mod log;
 mod poweroff;
@@ -23,6 +24,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 say!("poweroff: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve(options) => match envd::run(options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                say!("serve: {e:#}");
                 ExitCode::FAILURE
             }
         },

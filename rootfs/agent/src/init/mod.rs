@@ -45,6 +45,15 @@ pub fn run(options: &InitOptions) -> ! {
         }
     };
     let (hostname, cmdline) = set_up(options);
+    if !options.skip_system_setup
+        && let Err(e) = crate::envd::start_in_background(crate::envd::ServeOptions {
+            set_clock: true,
+            reap_children: false,
+            ..crate::envd::ServeOptions::default()
+        })
+    {
+        say!("cannot start the envd API: {e:#}");
+    }
     let uptime =
         read_uptime().map_or_else(|| "?".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()));
     println!(
