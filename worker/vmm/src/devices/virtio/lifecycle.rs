@@ -65,14 +65,15 @@ impl DeviceLifecycle {
 
     /// Drops the queues and wakes the event loop to unregister their eventfds.
     pub fn reset(&mut self) {
-        if let Some(active) = self.active.take() {
-            if self.registered {
-                self.stale.extend(active.queue_evts);
-            }
-            self.registered = false;
-            if let Err(err) = self.activate_evt.write(1) {
-                tracing::error!(%err, "cannot signal a virtio device reset to the event loop");
-            }
+        if let Some(active) = self.active.take()
+            && self.registered
+        {
+            self.stale.extend(active.queue_evts);
+        }
+        self.registered = false;
+        // Always wake the event loop: devices drop their own registrations there too.
+        if let Err(err) = self.activate_evt.write(1) {
+            tracing::error!(%err, "cannot signal a virtio device reset to the event loop");
         }
     }
 

@@ -20,6 +20,7 @@ pub(crate) mod ratelimit;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 
 pub use block::{Block, BlockConfig, BlockError, BlockState};
 pub use device::{ActivateError, Activation, VirtioDevice};
@@ -27,6 +28,7 @@ pub use interrupt::{InterruptKind, VirtioInterrupt};
 pub use mmio::{MmioError, MmioTransport, MmioTransportState};
 pub use persist::{QueueSnapshot, VirtioDeviceState};
 pub use rng::{Rng, RngError, RngState};
+pub use vsock::{Vsock, VsockConfig, VsockError, VsockState};
 
 use std::sync::{Arc, Mutex};
 
@@ -42,3 +44,8 @@ pub fn rng() -> Result<Arc<Mutex<Rng>>, RngError> {
 
 /// `VIRTIO_F_VERSION_1` as a feature mask: every device offers it (modern transport only).
 pub const FEATURE_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// A new vsock device for the VM core's builder; listens on `cfg.uds_path` right away.
+pub fn vsock(cfg: VsockConfig) -> Result<Arc<Mutex<Vsock>>, VsockError> {
+    Ok(Arc::new(Mutex::new(Vsock::new(cfg)?)))
+}

@@ -71,10 +71,19 @@ impl<'a> GuestQueue<'a> {
     /// Makes a chain of `bufs` available; returns its head index.
     pub fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
         let n = u16::try_from(bufs.len()).unwrap();
+        self.add_chain_with(n, |_| bufs.to_vec())
+    }
+
+    /// Makes a chain of `n` buffers available, choosing them from the head index (so buffer
+    /// addresses can be derived from it); returns the head index. At most `size` chains can be
+    /// added over the queue's life (the mock's available ring does not wrap).
+    pub fn add_chain_with(&mut self, n: u16, make: impl FnOnce(u16) -> Vec<Buf>) -> u16 {
         if self.next_desc + n > self.size {
             self.next_desc = 0;
         }
         let first = self.next_desc;
+        let bufs = make(first);
+        assert_eq!(bufs.len(), usize::from(n));
         let descs: Vec<RawDescriptor> = bufs
             .iter()
             .enumerate()
