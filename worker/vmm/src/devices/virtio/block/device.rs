@@ -1,6 +1,7 @@
 //! The block device model: the image file, the configuration space and queue processing.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
@@ -41,8 +42,8 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
-    /// The image's size could not be read.
-    #[error("cannot read the size of disk image {path}")]
+    /// The image's size could not be determined.
+    #[error("cannot determine the size of disk image {path}")]
     Metadata {
         path: PathBuf,
         #[source]
@@ -108,13 +109,21 @@ impl Block {
             path: config.path.clone(),
             source,
         })?;
-        let capacity_sectors = meta.len() / SECTOR_SIZE;
+        // Seeking to the end sizes regular files and block devices alike (a block device's
+        // metadata length is 0). Positioned I/O later ignores the file offset.
+        let size = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Metadata {
+                path: config.path.clone(),
+                source,
+            })?;
+        let capacity_sectors = size / SECTOR_SIZE;
         if capacity_sectors == 0 {
             return Err(BlockError::Empty {
                 path: config.path.clone(),
             });
         }
-        if meta.len() % SECTOR_SIZE != 0 {
+        if size % SECTOR_SIZE != 0 {
             tracing::warn!(
                 path = %config.path.display(),
                 "disk image size is not a multiple of 512 bytes; the last partial sector is hidden"
