@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use roost_images::{ArtefactIndex, Cache};
 use roost_vmm::config::{DriveConfig, SeccompMode, SerialConfig, VsockDeviceConfig, vcpus_from};
 use roost_vmm::{VmConfig, VmExit};
-use roost_worker::host_check::{HostProbe, Status};
+use roost_worker::host_check::{Check, HostProbe, Status};
 
 /// Exit code: the guest shut down.
 pub const EXIT_SHUTDOWN: i32 = 0;
@@ -138,7 +138,11 @@ fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
 
 /// Refuses to start on a /dev/kvm that cannot run guests, saying why and what to do.
 fn require_usable_kvm() -> anyhow::Result<()> {
-    let check = HostProbe::system().kvm();
+    kvm_verdict(&HostProbe::system().kvm())
+}
+
+/// Turns the doctor's KVM check into a refusal (with the host-VM hint) or a go-ahead.
+fn kvm_verdict(check: &Check) -> anyhow::Result<()> {
     match check.status {
         Status::Fail => bail!(
             "{}\n  {}\n  to run a VM on this machine use the host VM: \
@@ -186,6 +190,19 @@ mod tests {
         assert_eq!(exit_code(&VmExit::Shutdown(ShutdownReason::TripleFault)), 0);
         assert_eq!(exit_code(&VmExit::Panic { line: "x".into() }), 3);
         assert_eq!(exit_code(&VmExit::Error { detail: "x".into() }), 4);
+    }
+
+    #[test]
+    fn an_unusable_kvm_is_refused_with_the_reason_and_the_host_vm_hint() {
+        use roost_worker::host_check::{KvmBackend, KvmDevice, check_kvm};
+        let pvm = check_kvm(&KvmDevice::ApiVersion(12), KvmBackend::Pvm);
+        let err = kvm_verdict(&pvm).unwrap_err().to_string();
+        assert!(err.contains("kvm_pvm"), "{err}");
+        assert!(err.contains("roost hostvm run -- roost vm run"), "{err}");
+        let missing = check_kvm(&KvmDevice::Missing, KvmBackend::Unknown);
+        let err = kvm_verdict(&missing).unwrap_err().to_string();
+        assert!(err.contains("no /dev/kvm"), "{err}");
+        assert!(kvm_verdict(&check_kvm(&KvmDevice::ApiVersion(12), KvmBackend::Amd)).is_ok());
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub enum ConfigError {
     Missing { what: &'static str, path: PathBuf },
     #[error("{what} {path} is not a regular file")]
     NotAFile { what: &'static str, path: PathBuf },
+    #[error("{what} {path} is neither a regular file nor a block device")]
+    NotADisk { what: &'static str, path: PathBuf },
     #[error("the vsock socket's directory {0} does not exist")]
     VsockDirMissing(PathBuf),
     #[error("vsock guest CID {0} is reserved: use 3 or more")]
@@ -117,7 +119,7 @@ impl VmConfig {
         }
         require_file("kernel", &self.kernel)?;
         if let Some(drive) = &self.rootfs {
-            require_file("root filesystem image", &drive.path)?;
+            require_disk("root filesystem image", &drive.path)?;
         }
         if let Some(vsock) = &self.vsock {
             if vsock.guest_cid < 3 {
@@ -142,6 +144,21 @@ pub fn vcpus_from(count: u64) -> Result<u8, ConfigError> {
         .ok()
         .filter(|n| (MIN_VCPUS..=MAX_VCPUS).contains(n))
         .ok_or(ConfigError::VcpuCount(count))
+}
+
+fn require_disk(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() || meta.file_type().is_block_device() => Ok(()),
+        Ok(_) => Err(ConfigError::NotADisk {
+            what,
+            path: path.to_owned(),
+        }),
+        Err(_) => Err(ConfigError::Missing {
+            what,
+            path: path.to_owned(),
+        }),
+    }
 }
 
 fn require_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -209,6 +226,11 @@ mod tests {
         let err = cfg.validate().unwrap_err();
         assert!(err.to_string().contains("root filesystem image"), "{err}");
         assert!(err.to_string().contains("nope.ext4"), "{err}");
+        cfg.rootfs = Some(DriveConfig {
+            path: dir.path().to_owned(),
+            read_only: false,
+        });
+        assert!(matches!(cfg.validate(), Err(ConfigError::NotADisk { .. })));
         cfg.rootfs = None;
         cfg.kernel = dir.path().to_owned();
         assert!(matches!(

@@ -198,6 +198,14 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         );
         Ok(())
     };
+    if let Some(drive) = &config.rootfs {
+        let block = crate::devices::virtio::block(crate::devices::virtio::BlockConfig {
+            path: drive.path.clone(),
+            read_only: drive.read_only,
+        })
+        .map_err(|e| VmmError::Device("block", Box::new(e)))?;
+        attach("block", block.clone(), block)?;
+    }
     if config.rng {
         let rng =
             crate::devices::virtio::rng().map_err(|e| VmmError::Device("rng", Box::new(e)))?;
