@@ -11,6 +11,7 @@ use crate::init::InitOptions;
 pub const USAGE: &str = "\
 usage: roost-agent                 (as PID 1: initialise the guest and supervise it)
        roost-agent poweroff        ask PID 1 to stop every process and power the VM off
+       roost-agent interpreter [FLAGS]  serve the code interpreter on :49999 (see README)
        roost-agent serve [FLAGS]   serve the E2B envd API on :49983 (see README)
        roost-agent version         print the version
        roost-agent help            print this help
@@ -23,6 +24,8 @@ usage: roost-agent                 (as PID 1: initialise the guest and supervise
 pub enum Command {
     Init(InitOptions),
     Poweroff,
+    /// Serve the code interpreter (Jupyter kernels) on :49999.
+    Interpreter(crate::interpreter::InterpreterOptions),
     /// Serve the E2B-compatible envd API as an ordinary process.
     Serve(crate::envd::ServeOptions),
     Version,
@@ -57,6 +60,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Command
     };
     let command = match first.as_str() {
         "poweroff" => Command::Poweroff,
+        "interpreter" => {
+            return match crate::interpreter::InterpreterOptions::parse(tail) {
+                Ok(options) => Command::Interpreter(options),
+                Err(problem) => Command::Usage(problem),
+            };
+        }
         "serve" => {
             return match crate::envd::options::parse(tail) {
                 Ok(options) => Command::Serve(options),

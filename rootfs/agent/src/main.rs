@@ -9,6 +9,7 @@ mod children;
 mod cli;
 mod envd;
 mod init;
+mod interpreter;
 mod log;
 mod poweroff;
 
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Interpreter(options) => interpreter::run(&options),
         Command::Serve(options) => match envd::run(options) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -46,6 +46,11 @@ pub fn run(options: &InitOptions) -> ! {
     };
     let (hostname, cmdline) = set_up(options);
     if !options.skip_system_setup
+        && let Err(e) = crate::interpreter::guest::start_if_code_interpreter_image()
+    {
+        say!("cannot start the code interpreter: {e}");
+    }
+    if !options.skip_system_setup
         && let Err(e) = crate::envd::start_in_background(crate::envd::ServeOptions {
             set_clock: true,
             reap_children: false,

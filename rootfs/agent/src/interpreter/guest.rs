@@ -1,0 +1,50 @@
+//! Starting the interpreter in the guest: only in the `code-interpreter` image.
+//!
+//! The image build writes the image's name to `/etc/roost-image` (`rootfs/image/configure.sh`),
+//! so init knows its template without probing for Python packages. Init starts
+//! `roost-agent interpreter` as a child process: a separate process keeps tokio, the kernels and
+//! their reaping out of PID 1 (init's reaper only collects the interpreter itself if it ever
+//! exits). The child gets an empty signal mask from `std::process::Command`, so it handles
+//! SIGTERM itself when init shuts the guest down.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Written by the image build: the image's name.
+pub const IMAGE_MARKER: &str = "/etc/roost-image";
+/// The image whose sandboxes serve the code interpreter.
+pub const CODE_INTERPRETER_IMAGE: &str = "code-interpreter";
+
+/// Whether the image named in `marker` is the code-interpreter image.
+pub fn is_code_interpreter_image(marker: &Path) -> bool {
+    std::fs::read_to_string(marker).is_ok_and(|name| name.trim() == CODE_INTERPRETER_IMAGE)
+}
+
+/// Starts `roost-agent interpreter` with its defaults (port 49999, user `user`) when this is
+/// the code-interpreter image. Returns the child, or `None` in other images.
+pub fn start_if_code_interpreter_image() -> std::io::Result<Option<Child>> {
+    if !is_code_interpreter_image(Path::new(IMAGE_MARKER)) {
+        return Ok(None);
+    }
+    let child = Command::new("/proc/self/exe")
+        .arg("interpreter")
+        .stdin(Stdio::null())
+        .spawn()?;
+    Ok(Some(child))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_code_interpreter_marker_starts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("roost-image");
+        assert!(!is_code_interpreter_image(&marker), "no marker");
+        std::fs::write(&marker, "base\n").unwrap();
+        assert!(!is_code_interpreter_image(&marker));
+        std::fs::write(&marker, "code-interpreter\n").unwrap();
+        assert!(is_code_interpreter_image(&marker));
+    }
+}
