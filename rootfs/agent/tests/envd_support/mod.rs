@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part.
 
+pub mod http;
+
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
