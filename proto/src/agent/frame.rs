@@ -65,6 +65,8 @@ pub enum FrameError {
     Empty,
     #[error("unknown frame tag {0}")]
     UnknownTag(u8),
+    #[error("the connection ended in the middle of a frame ({0} bytes buffered)")]
+    Truncated(usize),
     #[error("malformed control message")]
     BadMessage(#[source] serde_json::Error),
     #[error("connection failed")]
@@ -133,6 +135,14 @@ impl<D: DeserializeOwned> Decoder for FrameCodec<D> {
         }
         let kind = StreamKind::from_tag(tag).ok_or(FrameError::UnknownTag(tag))?;
         Ok(Some(Frame::Data(kind, body.freeze())))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame<D>>, FrameError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated(src.len())),
+        }
     }
 }
 
@@ -255,8 +265,21 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_ending_mid_frame_is_truncated() {
+        let mut codec = FrameCodec::<ClientMessage>::new();
+        let mut buf = BytesMut::from(&[0, 0, 0, 9, 0, b'{'][..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(matches!(
+            codec.decode_eof(&mut buf),
+            Err(FrameError::Truncated(6))
+        ));
+        assert!(codec.decode_eof(&mut BytesMut::new()).unwrap().is_none());
+    }
+
+    #[test]
     fn malformed_bodies_are_errors() {
-        let cases: [(&[u8], fn(&FrameError) -> bool); 3] = [
+        type Check = fn(&FrameError) -> bool;
+        let cases: [(&[u8], Check); 3] = [
             (&[0, 0, 0, 0], |e| matches!(e, FrameError::Empty)),
             (&[0, 0, 0, 1, 9], |e| matches!(e, FrameError::UnknownTag(9))),
             (&[0, 0, 0, 3, 0, b'{', b'x'], |e| {

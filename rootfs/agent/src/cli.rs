@@ -4,19 +4,25 @@
 //! and only picks out the flags it knows. Otherwise a subcommand is required.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use crate::channel::{Announce, Endpoints, Listen};
 use crate::init::InitOptions;
 
 pub const USAGE: &str = "\
 usage: roost-agent                 (as PID 1: initialise the guest and supervise it)
        roost-agent poweroff        ask PID 1 to stop every process and power the VM off
+       roost-agent channel --listen-unix PATH | --listen-vsock PORT
+                   [--announce-unix PATH | --announce-vsock CID:PORT]
+                                   serve the worker's channel (PID 1 does this on vsock)
        roost-agent interpreter [FLAGS]  serve the code interpreter on :49999 (see README)
        roost-agent serve [FLAGS]   serve the E2B envd API on :49983 (see README)
        roost-agent version         print the version
        roost-agent help            print this help
 
 `poweroff`, `halt` and `reboot` are links to roost-agent that run `roost-agent poweroff`.
+As PID 1 with --skip-system-setup (tests), the channel runs only with
+--channel-listen-unix=PATH [--channel-announce-unix=PATH].
 ";
 
 /// What the process was asked to do.
@@ -24,6 +30,8 @@ usage: roost-agent                 (as PID 1: initialise the guest and supervise
 pub enum Command {
     Init(InitOptions),
     Poweroff,
+    /// Serve the worker's channel as an ordinary process.
+    Channel(Endpoints),
     /// Serve the code interpreter (Jupyter kernels) on :49999.
     Interpreter(crate::interpreter::InterpreterOptions),
     /// Serve the E2B-compatible envd API as an ordinary process.
@@ -45,7 +53,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Command
     let rest: Vec<String> = args.collect();
     if is_pid1 {
         let skip_system_setup = rest.iter().any(|a| a == SKIP_SYSTEM_SETUP);
-        return Command::Init(InitOptions { skip_system_setup });
+        let channel = pid1_channel(&rest, skip_system_setup);
+        return Command::Init(InitOptions {
+            skip_system_setup,
+            channel,
+        });
     }
     let invoked_as = Path::new(&argv0)
         .file_name()
@@ -60,6 +72,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Command
     };
     let command = match first.as_str() {
         "poweroff" => Command::Poweroff,
+        "channel" => return parse_channel(tail),
         "interpreter" => {
             return match crate::interpreter::InterpreterOptions::parse(tail) {
                 Ok(options) => Command::Interpreter(options),
@@ -85,6 +98,61 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Command
     }
 }
 
+/// PID 1 serves the channel on vsock, except in tests (`--skip-system-setup`), which name a
+/// Unix socket instead (`--channel-listen-unix=PATH`) or get no channel.
+fn pid1_channel(args: &[String], skip_system_setup: bool) -> Option<Endpoints> {
+    let value = |prefix: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(prefix))
+            .map(PathBuf::from)
+    };
+    match value("--channel-listen-unix=") {
+        Some(path) => Some(Endpoints {
+            listen: Listen::Unix(path),
+            announce: value("--channel-announce-unix=").map_or(Announce::Nowhere, Announce::Unix),
+        }),
+        None if skip_system_setup => None,
+        None => Some(Endpoints::default()),
+    }
+}
+
+/// `channel --listen-unix PATH | --listen-vsock PORT [--announce-unix PATH | --announce-vsock
+/// CID:PORT]`.
+fn parse_channel(args: &[String]) -> Command {
+    let mut listen = None;
+    let mut announce = Announce::Nowhere;
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        let Some(value) = args.next() else {
+            return Command::Usage(format!("`{flag}` needs a value"));
+        };
+        match flag.as_str() {
+            "--listen-unix" => listen = Some(Listen::Unix(value.into())),
+            "--listen-vsock" => match value.parse() {
+                Ok(port) => listen = Some(Listen::Vsock { port }),
+                Err(_) => return Command::Usage(format!("bad vsock port `{value}`")),
+            },
+            "--announce-unix" => announce = Announce::Unix(value.into()),
+            "--announce-vsock" => {
+                let parsed = value
+                    .split_once(':')
+                    .and_then(|(cid, port)| Some((cid.parse().ok()?, port.parse().ok()?)));
+                match parsed {
+                    Some((cid, port)) => announce = Announce::Vsock { cid, port },
+                    None => {
+                        return Command::Usage(format!("bad vsock address `{value}` (CID:PORT)"));
+                    }
+                }
+            }
+            other => return Command::Usage(format!("unknown channel option `{other}`")),
+        }
+    }
+    match listen {
+        Some(listen) => Command::Channel(Endpoints { listen, announce }),
+        None => Command::Usage("`channel` needs --listen-unix PATH or --listen-vsock PORT".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +165,7 @@ mod tests {
     fn pid1_always_runs_init_whatever_the_kernel_passes() {
         let plain = Command::Init(InitOptions {
             skip_system_setup: false,
+            channel: Some(Endpoints::default()),
         });
         assert_eq!(parse_strs(&["/sbin/init"], true), plain);
         assert_eq!(
@@ -106,9 +175,78 @@ mod tests {
         assert_eq!(
             parse_strs(&["roost-agent", "init", "--skip-system-setup"], true),
             Command::Init(InitOptions {
-                skip_system_setup: true
+                skip_system_setup: true,
+                channel: None,
             })
         );
+    }
+
+    #[test]
+    fn pid1_channel_on_a_unix_socket_for_tests() {
+        let args = [
+            "roost-agent",
+            "init",
+            "--skip-system-setup",
+            "--channel-listen-unix=/tmp/a.sock",
+            "--channel-announce-unix=/tmp/b.sock",
+        ];
+        assert_eq!(
+            parse_strs(&args, true),
+            Command::Init(InitOptions {
+                skip_system_setup: true,
+                channel: Some(Endpoints {
+                    listen: Listen::Unix("/tmp/a.sock".into()),
+                    announce: Announce::Unix("/tmp/b.sock".into()),
+                }),
+            })
+        );
+    }
+
+    #[test]
+    fn channel_subcommand() {
+        assert_eq!(
+            parse_strs(
+                &["roost-agent", "channel", "--listen-unix", "/tmp/c.sock"],
+                false
+            ),
+            Command::Channel(Endpoints {
+                listen: Listen::Unix("/tmp/c.sock".into()),
+                announce: Announce::Nowhere,
+            })
+        );
+        assert_eq!(
+            parse_strs(
+                &[
+                    "roost-agent",
+                    "channel",
+                    "--listen-vsock",
+                    "1025",
+                    "--announce-vsock",
+                    "2:1024"
+                ],
+                false
+            ),
+            Command::Channel(Endpoints::default())
+        );
+        for bad in [
+            &["roost-agent", "channel"][..],
+            &["roost-agent", "channel", "--listen-unix"],
+            &["roost-agent", "channel", "--listen-vsock", "x"],
+            &[
+                "roost-agent",
+                "channel",
+                "--listen-unix",
+                "/a",
+                "--announce-vsock",
+                "2",
+            ],
+            &["roost-agent", "channel", "--bogus", "1"],
+        ] {
+            assert!(
+                matches!(parse_strs(bad, false), Command::Usage(_)),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! a few subcommands ([`cli`]). Later the same binary serves the worker's vsock protocol and
 //! the E2B-compatible API beside the init loop.
 
+mod channel;
 mod children;
 mod cli;
 mod envd;
@@ -25,6 +26,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 say!("poweroff: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Channel(endpoints) => match channel::run_standalone(&endpoints) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                say!("channel on {}: {e}", endpoints.listen);
                 ExitCode::FAILURE
             }
         },

@@ -33,6 +33,8 @@ pub struct InitOptions {
     /// Skip mounts, console, hostname and remounting `/` read-only: for tests that run the
     /// agent as PID 1 of a PID namespace on a developer machine.
     pub skip_system_setup: bool,
+    /// Where to serve the worker's channel (vsock in a VM); `None` runs no channel.
+    pub channel: Option<crate::channel::Endpoints>,
 }
 
 /// Runs init. Never returns: PID 1 exiting panics the kernel.
@@ -45,6 +47,9 @@ pub fn run(options: &InitOptions) -> ! {
         }
     };
     let (hostname, cmdline) = set_up(options);
+    if let Some(endpoints) = &options.channel {
+        crate::channel::spawn(endpoints.clone());
+    }
     if !options.skip_system_setup
         && let Err(e) = crate::interpreter::guest::start_if_code_interpreter_image()
     {

@@ -1,0 +1,110 @@
+//! The worker's channel into the guest: the agent side of the protocol in
+//! `roost_proto::agent` (hello, health, exec, file read/write, port forwarding).
+//!
+//! Inside a VM, PID 1 starts it on a thread of its own ([`spawn`]) after system setup: it
+//! listens on vsock port [`roost_proto::agent::AGENT_PORT`] and announces itself to the host
+//! on [`roost_proto::agent::READY_PORT`]. The same code runs as an ordinary process for tests
+//! and development (`roost-agent channel --listen-unix PATH`, [`run_standalone`]).
+//!
+//! Each connection is one operation, served on a task of a current-thread tokio runtime (file
+//! reads and writes go to tokio's blocking pool). Processes started for exec are registered in
+//! [`crate::children`] and collected by the one reaper of the process: init's `waitpid(-1)`
+//! loop as PID 1, a SIGCHLD task here otherwise.
+
+mod announce;
+mod connection;
+mod exec;
+mod files;
+mod forward;
+mod status;
+mod transport;
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+pub use transport::{Announce, Listen};
+
+use crate::say;
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
+
+/// Where the channel listens and whom it tells that it is ready.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub listen: Listen,
+    pub announce: Announce,
+}
+
+/// Starts the channel on its own thread (PID 1: init's loop stays on the main thread and
+/// reaps). Failures are reported on the console; the guest keeps running without a channel.
+pub fn spawn(endpoints: Endpoints) {
+    let started = std::thread::Builder::new()
+        .name("channel".into())
+        .spawn(move || {
+            if let Err(e) = run(&endpoints, Reaper::Init) {
+                say!("channel on {}: {e}", endpoints.listen);
+            }
+        });
+    if let Err(e) = started {
+        say!("cannot start the channel thread: {e}");
+    }
+}
+
+/// Runs the channel in this process until it fails, reaping children itself.
+pub fn run_standalone(endpoints: &Endpoints) -> io::Result<()> {
+    run(endpoints, Reaper::OwnSigchld)
+}
+
+/// Who collects exited children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reaper {
+    /// PID 1's loop (which blocks SIGCHLD in every thread and reads it from a signalfd).
+    Init,
+    /// This process, on SIGCHLD.
+    OwnSigchld,
+}
+
+fn run(endpoints: &Endpoints, reaper: Reaper) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(endpoints, reaper))
+}
+
+async fn serve(endpoints: &Endpoints, reaper: Reaper) -> io::Result<()> {
+    if reaper == Reaper::OwnSigchld {
+        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+        tokio::spawn(async move {
+            while sigchld.recv().await.is_some() {
+                crate::children::reap_registered();
+            }
+        });
+    }
+    let listener = transport::Listener::bind(&endpoints.listen)?;
+    if endpoints.announce != Announce::Nowhere {
+        tokio::spawn(announce::hello(endpoints.announce.clone()));
+    }
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        match listener.accept().await {
+            Ok(io) => {
+                tokio::spawn(async move {
+                    connection::serve(io).await;
+                    drop(slot);
+                });
+            }
+            // Out of fds or memory: wait a little rather than spin.
+            Err(e) => {
+                say!("channel: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
