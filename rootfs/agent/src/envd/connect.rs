@@ -159,13 +159,16 @@ fn media_type(headers: &HeaderMap) -> String {
 }
 
 /// Rejects a request whose content type is not `expected` (Connect answers 415).
-pub fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), Response> {
+/// The rejection is boxed: a `Response` is large and this is the cold path.
+pub fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), Box<Response>> {
     let got = media_type(headers);
     if got == expected {
         return Ok(());
     }
     let message = format!("unsupported content type `{got}`: this method takes `{expected}`");
-    Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, message).into_response())
+    Err(Box::new(
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, message).into_response(),
+    ))
 }
 
 /// Decodes a unary request body.
@@ -357,7 +360,7 @@ where
     Fut: Future<Output = Result<Resp, ConnectError>>,
 {
     if let Err(response) = check_content_type(headers, UNARY_CONTENT_TYPE) {
-        return response;
+        return *response;
     }
     let result = match decode_unary::<Req>(body) {
         Ok(request) => method(request).await,
@@ -370,9 +373,9 @@ where
 pub fn stream_request<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<T, Response> {
+) -> Result<T, Box<Response>> {
     check_content_type(headers, STREAM_CONTENT_TYPE)?;
-    decode_single_envelope(body).map_err(stream_error)
+    decode_single_envelope(body).map_err(|e| Box::new(stream_error(e)))
 }
 
 #[cfg(test)]

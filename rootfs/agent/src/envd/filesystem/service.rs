@@ -182,7 +182,7 @@ async fn watchable(account: &Account, path: PathBuf) -> Result<PathBuf, ConnectE
 pub async fn watch_dir(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Bytes) -> Response {
     let request: WatchDirRequest = match connect::stream_request(&headers, &body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let started = async {
         let account = auth::request_account(&envd, &headers)?;

@@ -46,7 +46,7 @@ fn keepalive_interval(headers: &HeaderMap) -> Duration {
 pub async fn start(State(envd): State<Arc<Envd>>, headers: HeaderMap, body: Bytes) -> Response {
     let request: StartRequest = match connect::stream_request(&headers, &body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match start_process(&envd, &headers, request).await {
         Ok((handle, events)) => {
@@ -199,7 +199,7 @@ pub async fn connect_process(
 ) -> Response {
     let request: ConnectRequest = match connect::stream_request(&headers, &body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match envd.processes.find(request.process.as_ref()) {
         Ok(handle) => {
@@ -314,13 +314,13 @@ pub async fn close_stdin(
 ) -> Response {
     connect::unary(&headers, &body, |request: CloseStdinRequest| async move {
         let handle = envd.processes.find(request.process.as_ref())?;
-        if handle.stdin.lock().await.take().is_none() {
-            if let Some(pty) = &handle.pty {
-                // End of input on a terminal is ^D.
-                pty.write_all(&[4])
-                    .await
-                    .map_err(|e| ConnectError::internal(format!("writing ^D: {e}")))?;
-            }
+        // End of input on a terminal is ^D.
+        if handle.stdin.lock().await.take().is_none()
+            && let Some(pty) = &handle.pty
+        {
+            pty.write_all(&[4])
+                .await
+                .map_err(|e| ConnectError::internal(format!("writing ^D: {e}")))?;
         }
         Ok(CloseStdinResponse {})
     })
@@ -350,7 +350,7 @@ pub async fn stream_input(
     body: Body,
 ) -> Response {
     if let Err(response) = connect::check_content_type(&headers, STREAM_CONTENT_TYPE) {
-        return response;
+        return *response;
     }
     let result = consume_input(&envd, body).await;
     let (sender, response) = connect::stream_reply();

@@ -128,13 +128,12 @@ pub fn spawn(request: &SpawnRequest<'_>) -> Result<Spawned, ConnectError> {
             if with_pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some((uid, gid, groups)) = &switch {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            if let Some((uid, gid, groups)) = &switch
+                && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
                     || libc::setgid(*gid) < 0
-                    || libc::setuid(*uid) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(*uid) < 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             if libc::chdir(cwd.as_ptr()) < 0 {
                 return Err(std::io::Error::last_os_error());
