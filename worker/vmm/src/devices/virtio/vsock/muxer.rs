@@ -230,7 +230,13 @@ impl Muxer {
         if let Some(hdr) = self.control.pop_front() {
             return Some((hdr, 0));
         }
-        while let Some(key) = self.rx_queue.pop_front() {
+        // Each queued connection gets one try: one that still has something but could not
+        // produce it (e.g. the rx buffer has no payload area) is requeued for the next round
+        // instead of being retried forever here.
+        for _ in 0..self.rx_queue.len() {
+            let Some(key) = self.rx_queue.pop_front() else {
+                break;
+            };
             self.rx_queued.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;

@@ -503,3 +503,29 @@ fn reset_and_drop_free_connections_and_the_socket_file() {
         "socket file removed when the device is dropped"
     );
 }
+
+#[test]
+fn rx_buffers_without_payload_room_do_not_stall_the_loop() {
+    let mut f = fixture();
+    let listener = UnixListener::bind(host_listener_path(&f.uds_path, 52)).unwrap();
+    let mem = guest_memory();
+    let mut guest = start(&mut f, &mem);
+    guest.offer_rx(1);
+    guest.send(guest.header(op::REQUEST, 1000, 52), &[]);
+    let (hdr, _) = recv_op(&mut f, &mut guest, "RESPONSE");
+    assert_eq!(hdr.op, op::RESPONSE);
+    let (mut host, _) = listener.accept().unwrap();
+    host.write_all(b"data").unwrap();
+    // A header-only rx buffer is malformed: returned unused, and the loop goes on.
+    guest.rx.add_chain(&[wo(0x10_0000, HDR_LEN)]);
+    guest.rx_kick.write(1).unwrap();
+    run_until(&mut f.manager, "malformed buffer returned", || {
+        guest.rx_pending()
+    });
+    let (head, len) = guest.rx.used(guest.rx_seen);
+    guest.rx_seen += 1;
+    assert_eq!(len, 0, "buffer {head} returned empty");
+    guest.offer_rx(1);
+    let (hdr, data) = recv_op(&mut f, &mut guest, "data after a malformed buffer");
+    assert_eq!((hdr.op, data.as_slice()), (op::RW, &b"data"[..]));
+}
