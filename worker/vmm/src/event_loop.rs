@@ -52,6 +52,12 @@ pub struct EventLoop {
     stopped: Arc<AtomicBool>,
 }
 
+impl std::fmt::Debug for RunningEventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningEventLoop").finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for EventLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLoop").finish_non_exhaustive()
@@ -99,16 +105,19 @@ impl EventLoop {
                     exits.request(VmExit::Error {
                         detail: format!("device thread: {e}"),
                     });
-                    return;
+                    return manager;
                 }
                 while !thread_stopped.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         exits.request(VmExit::Error {
                             detail: format!("device event loop failed: {e}"),
                         });
-                        return;
+                        break;
                     }
                 }
+                // Handed back so the devices are dropped on the joining thread: their clean-up
+                // (closing files, unlinking the vsock socket) is outside this thread's filter.
+                manager
             })
             .map_err(EventLoopError::Spawn)?;
         Ok(RunningEventLoop {
@@ -120,22 +129,22 @@ impl EventLoop {
 }
 
 /// The running device thread.
-#[derive(Debug)]
 pub struct RunningEventLoop {
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<EventManager<Subscriber>>>,
     stop_evt: EventFd,
     stopped: Arc<AtomicBool>,
 }
 
 impl RunningEventLoop {
-    /// Stops the loop and joins its thread (dropping every device it owned).
+    /// Stops the loop, joins its thread and drops every device it owned on this thread.
     pub fn stop(&mut self) {
         self.stopped.store(true, Ordering::SeqCst);
         let _ = self.stop_evt.write(1);
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("the device thread panicked");
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(manager) => drop(manager),
+                Err(_) => tracing::error!("the device thread panicked"),
+            }
         }
     }
 }

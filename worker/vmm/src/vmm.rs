@@ -206,6 +206,14 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         .map_err(|e| VmmError::Device("block", Box::new(e)))?;
         attach("block", block.clone(), block)?;
     }
+    if let Some(vsock) = &config.vsock {
+        let vsock = crate::devices::virtio::vsock(crate::devices::virtio::VsockConfig {
+            guest_cid: u64::from(vsock.guest_cid),
+            uds_path: vsock.uds_path.clone(),
+        })
+        .map_err(|e| VmmError::Device("vsock", Box::new(e)))?;
+        attach("vsock", vsock.clone(), vsock)?;
+    }
     if config.rng {
         let rng =
             crate::devices::virtio::rng().map_err(|e| VmmError::Device("rng", Box::new(e)))?;

@@ -1,0 +1,160 @@
+//! `roost vm run` on real KVM, inside the host VM (QEMU TCG with emulated SVM). One host VM
+//! boot runs several microVM checks, since each host VM costs tens of seconds:
+//! boot to roost-agent's ready line and a clean shutdown (2 vCPUs, vsock, read-only root);
+//! the VMM's privileges while the guest runs (no capabilities, no_new_privs, seccomp on the
+//! vCPU and device threads); a guest kernel panic reported as exit 3; a non-ELF kernel refused;
+//! four VMs at once.
+//!
+//! Needs qemu-system-x86 and the `kernel` and `rootfs-base` artefacts (`roost images build`);
+//! without them the test fails with a message.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use roost_hostvm::HostVm;
+use roost_images::{ArtefactIndex, Cache};
+
+/// Each `roost vm run` is bounded (busybox `timeout`), so a hang shows up as status 143.
+const SCRIPT: &str = r#"
+T="timeout 180"
+result() { echo "RESULT $1 $2"; }
+
+# 1. Boot to the ready line and shut down cleanly.
+$T roost vm run --cpus 2 --mem 256 --rootfs-ro --vsock-uds /tmp/boot.sock \
+    --serial-log /tmp/boot.log --append roost.poweroff_after_ready 2>/tmp/boot.err
+result boot $?
+result boot-ready "$(grep -c '^roost-agent: ready' /tmp/boot.log)"
+if [ -e /tmp/boot.sock ]; then result boot-socket-left 1; else result boot-socket-left 0; fi
+
+# 2. Privileges of a running VMM.
+roost vm run --rootfs-ro --serial-log /tmp/priv.log 2>/tmp/priv.err &
+P=$!
+i=0
+until grep -q '^roost-agent: ready' /tmp/priv.log 2>/dev/null; do
+  i=$((i+1)); [ $i -lt 1200 ] || break
+  kill -0 $P 2>/dev/null || break
+  usleep 100000
+done
+result priv-ready "$(grep -c '^roost-agent: ready' /tmp/priv.log)"
+result priv-capeff "$(awk '/^CapEff:/ {print $2}' /proc/$P/status)"
+result priv-capprm "$(awk '/^CapPrm:/ {print $2}' /proc/$P/status)"
+result priv-nnp "$(awk '/^NoNewPrivs:/ {print $2}' /proc/$P/status)"
+for t in /proc/$P/task/*; do
+  echo "THREAD $(cat $t/comm) seccomp=$(awk '/^Seccomp:/ {print $2}' $t/status)"
+done
+kill $P; wait $P
+result priv-killed $?
+
+# 3. A guest kernel panic.
+$T roost vm run --rootfs-ro --serial-log /tmp/panic.log \
+    --cmdline 'console=ttyS0 reboot=t panic=-1 root=/dev/nonexistent ro quiet' 2>/tmp/panic.err
+result panic $?
+
+# 4. A kernel that is not an ELF vmlinux.
+echo 'not a kernel' > /tmp/junk
+$T roost vm run --kernel /tmp/junk --rootfs-ro 2>/tmp/junk.err
+result junk-kernel $?
+
+# 5. Four VMs at once.
+for n in 1 2 3 4; do
+  $T roost vm run --rootfs-ro --vsock-uds /tmp/m$n.sock --serial-log /tmp/m$n.log \
+      --append roost.poweroff_after_ready 2>/tmp/m$n.err &
+  echo $! > /tmp/m$n.pid
+done
+for n in 1 2 3 4; do
+  wait "$(cat /tmp/m$n.pid)"
+  result multi$n $?
+  result multi$n-ready "$(grep -c '^roost-agent: ready' /tmp/m$n.log)"
+done
+
+for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
+for f in /tmp/boot.log /tmp/panic.log; do sed "s|^|LOG $(basename $f .log): |" "$f"; done
+"#;
+
+fn results(stdout: &str) -> BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn vm_run_in_host_vm_boots_panics_and_runs_four_at_once() {
+    let cache = Cache::from_env().expect("no cache directory: set ROOST_CACHE_DIR or HOME");
+    let index = ArtefactIndex::new(&cache);
+    for name in ["kernel", "rootfs-base"] {
+        if let Err(e) = index.lookup(name) {
+            panic!("this test needs the `{name}` artefact (run `roost images build`): {e}");
+        }
+    }
+    let outcome = HostVm::builder()
+        .timeout(Duration::from_secs(1200))
+        .mem_mib(4096)
+        .capture_output()
+        .run(["sh", "-c", SCRIPT])
+        .expect("host VM run");
+    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&outcome.stderr).into_owned();
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    let r = results(&stdout);
+    let get = |key: &str| {
+        r.get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no result `{key}`; {all}"))
+    };
+    let stderr_of = |name: &str| -> String {
+        let prefix = format!("STDERR {name}: ");
+        stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    assert_eq!(get("boot"), "0", "boot to ready and shut down; {all}");
+    assert_eq!(get("boot-ready"), "1", "one ready line; {all}");
+    assert_eq!(
+        get("boot-socket-left"),
+        "0",
+        "the vsock socket is removed on exit; {all}"
+    );
+    assert!(stderr_of("boot").contains("guest shut down"), "{all}");
+
+    assert_eq!(get("priv-ready"), "1", "{all}");
+    assert_eq!(get("priv-capeff"), "0000000000000000", "{all}");
+    assert_eq!(get("priv-capprm"), "0000000000000000", "{all}");
+    assert_eq!(get("priv-nnp"), "1", "{all}");
+    let threads: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("THREAD "))
+        .collect();
+    for name in ["vcpu0", "devices"] {
+        let line = threads
+            .iter()
+            .find(|l| l.starts_with(&format!("THREAD {name} ")))
+            .unwrap_or_else(|| panic!("no `{name}` thread; {all}"));
+        assert!(
+            line.ends_with("seccomp=2"),
+            "{name} not under a seccomp filter: {line}"
+        );
+    }
+    assert_eq!(get("priv-killed"), "143", "SIGTERM ends the VMM; {all}");
+
+    assert_eq!(get("panic"), "3", "a guest panic is exit status 3; {all}");
+    assert!(
+        stderr_of("panic").contains(
+            "guest kernel panic: Kernel panic - not syncing: VFS: Unable to mount root fs"
+        ),
+        "{all}"
+    );
+    assert_eq!(get("junk-kernel"), "1", "{all}");
+    assert!(stderr_of("junk").contains("uncompressed ELF"), "{all}");
+
+    for n in 1..=4 {
+        assert_eq!(get(&format!("multi{n}")), "0", "VM {n} of 4; {all}");
+        assert_eq!(get(&format!("multi{n}-ready")), "1", "VM {n} of 4; {all}");
+    }
+    assert_eq!(outcome.exit_code, 0, "{all}");
+}
