@@ -37,12 +37,12 @@ pub fn translate(message: &JupyterMessage) -> Translated {
                 Stdio::Stderr => OutputLine::Stderr { text, timestamp },
             })
         }
-        JupyterMessageContent::DisplayData(display) => {
-            Translated::Output(OutputLine::Result(result_from_media(&display.data, false)))
-        }
-        JupyterMessageContent::ExecuteResult(result) => {
-            Translated::Output(OutputLine::Result(result_from_media(&result.data, true)))
-        }
+        JupyterMessageContent::DisplayData(display) => Translated::Output(OutputLine::Result(
+            Box::new(result_from_media(&display.data, false)),
+        )),
+        JupyterMessageContent::ExecuteResult(result) => Translated::Output(OutputLine::Result(
+            Box::new(result_from_media(&result.data, true)),
+        )),
         JupyterMessageContent::ErrorOutput(error) => Translated::Output(OutputLine::Error {
             name: error.ename.clone(),
             value: error.evalue.clone(),

@@ -52,7 +52,7 @@ pub enum OutputLine {
         text: String,
         timestamp: i64,
     },
-    Result(ResultData),
+    Result(Box<ResultData>),
     Error {
         name: String,
         value: String,
@@ -135,11 +135,11 @@ mod tests {
 
     #[test]
     fn a_result_line_leaves_out_missing_formats() {
-        let line = OutputLine::Result(ResultData {
+        let line = OutputLine::Result(Box::new(ResultData {
             text: Some("2".into()),
             is_main_result: true,
             ..ResultData::default()
-        });
+        }));
         assert_eq!(
             serde_json::to_value(&line).unwrap(),
             json!({"type": "result", "text": "2", "is_main_result": true, "extra": {}})

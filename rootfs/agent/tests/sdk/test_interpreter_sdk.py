@@ -124,13 +124,17 @@ def test_a_timeout_interrupts_the_cell_and_the_context_stays_usable(sandbox):
     assert time.monotonic() - started < 15, "the interrupted cell must not block the context"
 
 
-def test_contexts_create_list_restart_delete(sandbox, tmp_path):
-    context = sandbox.create_code_context(cwd=str(tmp_path))
+def test_contexts_create_list_restart_delete(sandbox):
+    # A directory made by the sandbox itself, so the test also works against a real guest.
+    made = sandbox.run_code("import tempfile\ntempfile.mkdtemp(prefix='roost-ctx-')")
+    tmp_path = made.text
+    assert tmp_path and tmp_path.startswith("/"), made
+    context = sandbox.create_code_context(cwd=tmp_path)
     assert context.language == "python"
-    assert context.cwd == str(tmp_path)
+    assert context.cwd == tmp_path
     assert context.id in [c.id for c in sandbox.list_code_contexts()]
 
-    assert sandbox.run_code("import os\nos.getcwd()", context=context).text == str(tmp_path)
+    assert sandbox.run_code("import os\nos.getcwd()", context=context).text == tmp_path
     sandbox.run_code("roost_ctx = 'mine'", context=context)
     assert sandbox.run_code("roost_ctx", context=context).text == "mine"
     # Contexts are separate kernels.
