@@ -230,3 +230,34 @@ def test_recursive_watch_sees_subdirectories(sandbox, workdir):
         time.sleep(0.1)
     watcher.stop()
     assert "sub/deep.txt" in names, names
+
+
+# --- the async client (HTTP streams for WatchDir, its own command path) -----------------
+
+
+def test_async_client_commands_and_streamed_watch(workdir):
+    import asyncio
+
+    from e2b import AsyncSandbox
+
+    async def scenario():
+        sandbox = await AsyncSandbox.create()
+        result = await sandbox.commands.run("echo async; id -un")
+        assert result.stdout == "async\nuser\n"
+
+        events = []
+        written = asyncio.Event()
+
+        def on_event(event):
+            events.append((event.name, event.type))
+            if event.name == "streamed.txt" and event.type == FilesystemEventType.WRITE:
+                written.set()
+
+        handle = await sandbox.files.watch_dir(workdir, on_event=on_event)
+        await sandbox.files.write(f"{workdir}/streamed.txt", "x")
+        await asyncio.wait_for(written.wait(), 5)
+        await handle.stop()
+        return events
+
+    events = asyncio.run(scenario())
+    assert ("streamed.txt", FilesystemEventType.CREATE) in events, events
