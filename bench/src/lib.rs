@@ -3,6 +3,7 @@
 //! Every scenario measures Roost against a baseline in the same run (these machines are shared
 //! and noisy, so only medians and ratios mean anything) and ends by printing one JSON object.
 
+pub mod agent;
 pub mod guest_boot;
 pub mod hostvm;
 pub mod stats;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use roost_bench::agent::AgentBench;
 use roost_bench::guest_boot::{Accel, GuestImages, QemuMicrovm};
 use roost_bench::hostvm::HostVmBench;
 use roost_bench::stats;
@@ -24,6 +25,28 @@ enum Scenario {
     /// Boot the host VM N times, each running one nested guest boot: host-VM boot time and
     /// host-VM start → the nested guest's ready line (run on the machine itself, not inside).
     Hostvm(HostvmArgs),
+    /// roost-agent's envd API vs doing the same directly: `commands.run("true")` latency vs
+    /// `bash -lc true`, and 50 MiB `/files` write/read vs `cp` (runs on this machine).
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Latency samples of each side (the median is reported).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    runs: u32,
+    /// File transfers of each kind.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    file_runs: u32,
+    /// Size of the transferred file in MiB.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    file_mib: u32,
+    /// The roost-agent binary (default: next to roost-bench).
+    #[arg(long)]
+    agent: Option<std::path::PathBuf>,
+    /// Print only the JSON object (no human-readable summary).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -80,6 +103,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::GuestBoot(args) => guest_boot(args),
         Scenario::Hostvm(args) => hostvm(args),
+        Scenario::Agent(args) => agent(args),
     }
 }
 
@@ -165,5 +189,38 @@ fn guest_boot(args: GuestBootArgs) -> anyhow::Result<()> {
         "samples_ms": samples,
     });
     println!("{report}");
+    Ok(())
+}
+
+fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let bench = AgentBench {
+        agent: match args.agent {
+            Some(agent) => agent,
+            None => AgentBench::default_agent()?,
+        },
+        runs: usize::try_from(args.runs)?,
+        file_runs: usize::try_from(args.file_runs)?,
+        file_bytes: usize::try_from(args.file_mib)? << 20,
+    };
+    let report = bench.run()?;
+    if !args.json {
+        println!(
+            "commands.run(\"true\"): agent {:.2} ms vs bash -lc true {:.2} ms (x{:.2})",
+            report.run_true_agent_ms, report.run_true_direct_ms, report.run_true_ratio
+        );
+        println!(
+            "{:.0} MiB write: agent {:.0} MiB/s, read: agent {:.0} MiB/s, cp {:.0} MiB/s \
+             (x{:.2} / x{:.2} the time of cp)",
+            report.file_mib,
+            report.write_agent_mib_s,
+            report.read_agent_mib_s,
+            report.cp_mib_s,
+            report.write_ratio,
+            report.read_ratio
+        );
+    }
+    let mut json = serde_json::to_value(&report)?;
+    json["scenario"] = "agent".into();
+    println!("{json}");
     Ok(())
 }
