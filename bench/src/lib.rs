@@ -7,3 +7,4 @@ pub mod agent;
 pub mod guest_boot;
 pub mod hostvm;
 pub mod stats;
+pub mod vmm_boot;

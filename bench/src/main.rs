@@ -9,6 +9,7 @@ use roost_bench::agent::AgentBench;
 use roost_bench::guest_boot::{Accel, GuestImages, QemuMicrovm};
 use roost_bench::hostvm::HostVmBench;
 use roost_bench::stats;
+use roost_bench::vmm_boot::RoostVmm;
 
 #[derive(Parser, Debug)]
 #[command(name = "roost-bench", version, about = "Roost benchmarks")]
@@ -25,6 +26,10 @@ enum Scenario {
     /// Boot the host VM N times, each running one nested guest boot: host-VM boot time and
     /// host-VM start → the nested guest's ready line (run on the machine itself, not inside).
     Hostvm(HostvmArgs),
+    /// Boot the same kernel and image N times each under roost-vmm (`roost vm run`) and QEMU
+    /// microvm, interleaved, to roost-agent's ready line; report medians, their ratio and the
+    /// VMM's own RSS (run inside the host VM: `roost hostvm run -- roost-bench boot --json`).
+    Boot(BootArgs),
     /// roost-agent's envd API vs doing the same directly: `commands.run("true")` latency vs
     /// `bash -lc true`, and 50 MiB `/files` write/read vs `cp` (runs on this machine).
     Agent(AgentArgs),
@@ -45,6 +50,25 @@ struct AgentArgs {
     #[arg(long)]
     agent: Option<std::path::PathBuf>,
     /// Print only the JSON object (no human-readable summary).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct BootArgs {
+    /// Boots per VMM (the medians are reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: u32,
+    /// Root filesystem image, by its index name without the `rootfs-` prefix.
+    #[arg(long, default_value = "base")]
+    image: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u32,
+    /// Seconds to wait for each boot.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Print only the JSON report on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
 }
@@ -103,6 +127,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::GuestBoot(args) => guest_boot(args),
         Scenario::Hostvm(args) => hostvm(args),
+        Scenario::Boot(args) => boot(args),
         Scenario::Agent(args) => agent(args),
     }
 }
@@ -188,6 +213,72 @@ fn guest_boot(args: GuestBootArgs) -> anyhow::Result<()> {
         "qemu_boot_ms_p95": summary.p95_ms,
         "samples_ms": samples,
     });
+    println!("{report}");
+    Ok(())
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<()> {
+    let images = GuestImages::from_index(&format!("rootfs-{}", args.image))
+        .context("locating the kernel and image (build them with `roost images build`)")?;
+    let timeout = Duration::from_secs(args.timeout);
+    let roost = RoostVmm {
+        mem_mib: args.mem,
+        timeout,
+        ..RoostVmm::default()
+    };
+    let qemu = QemuMicrovm {
+        accel: Accel::Kvm,
+        mem_mib: args.mem,
+        timeout,
+        ..QemuMicrovm::default()
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (mut roost_ms, mut qemu_ms, mut rss_kib) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        let n = run + 1;
+        let sample = roost
+            .boot_to_ready(&images, &format!("bench-roost-{run}"))
+            .with_context(|| format!("roost-vmm boot {n} of {}", args.runs))?;
+        eprintln!(
+            "roost-vmm {n}/{}: {:.0} ms, VMM RSS {} KiB  ({})",
+            args.runs,
+            ms(sample.ready_after),
+            sample.vmm_rss_kib,
+            sample.ready_line
+        );
+        roost_ms.push(ms(sample.ready_after));
+        rss_kib.push(sample.vmm_rss_kib as f64);
+        let sample = qemu
+            .boot_to_ready(&images, &format!("bench-qemu-{run}"), None)
+            .with_context(|| format!("QEMU boot {n} of {}", args.runs))?;
+        eprintln!(
+            "qemu      {n}/{}: {:.0} ms  ({})",
+            args.runs,
+            ms(sample.ready_after),
+            sample.ready_line
+        );
+        qemu_ms.push(ms(sample.ready_after));
+    }
+    let roost_p50 = stats::median(&roost_ms).context("no samples")?;
+    let qemu_p50 = stats::median(&qemu_ms).context("no samples")?;
+    let report = serde_json::json!({
+        "scenario": "boot",
+        "image": args.image,
+        "mem_mib": args.mem,
+        "runs": args.runs,
+        "roost_boot_ms_p50": roost_p50,
+        "qemu_boot_ms_p50": qemu_p50,
+        "ratio": roost_p50 / qemu_p50,
+        "roost_vmm_rss_kib": stats::median(&rss_kib),
+        "roost_samples_ms": roost_ms,
+        "qemu_samples_ms": qemu_ms,
+    });
+    if !args.json {
+        eprintln!(
+            "roost-vmm p50 {roost_p50:.0} ms, QEMU microvm p50 {qemu_p50:.0} ms, ratio {:.2}",
+            roost_p50 / qemu_p50
+        );
+    }
     println!("{report}");
     Ok(())
 }
