@@ -163,3 +163,72 @@ fn a_bad_request_on_a_real_socket_is_a_json_error_and_the_server_lives_on() {
     assert_eq!(unknown.json()["message"], "context nope not found");
     assert_eq!(request(addr, "GET", "/health", &[], "").json(), json!("OK"));
 }
+
+/// A stand-in for envd's `GET /envs`: answers with one variable when given the right token,
+/// and records the tokens it was asked with.
+fn fake_envd() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let token = head
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Access-Token: "))
+                .unwrap_or_default()
+                .to_owned();
+            let reply = if head.starts_with("GET /envs ") && token == "t0ken" {
+                "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"ROOST_SANDBOX_VAR\":\"from-envd\"}"
+            } else {
+                "HTTP/1.0 401 Unauthorized\r\n\r\n"
+            };
+            let _ = stream.write_all(reply.as_bytes());
+            let _ = tx.send(token);
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn the_sandboxs_env_vars_come_from_envd_once_per_kernel() {
+    let (envd, asked) = fake_envd();
+    let envd = envd.to_string();
+    let interpreter = Interpreter::start(0, &["--access-token", "t0ken", "--envd", &envd]);
+    let run = |body: Value| {
+        let reply = request(
+            interpreter.addr,
+            "POST",
+            "/execute",
+            &[("X-Access-Token", "t0ken")],
+            &body.to_string(),
+        );
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let lines = reply.lines();
+        lines
+            .iter()
+            .filter(|l| l["type"] == "stdout")
+            .map(|l| l["text"].as_str().unwrap_or_default().to_owned())
+            .collect::<String>()
+    };
+    let code = "import os\nprint(os.environ.get('ROOST_SANDBOX_VAR'))";
+    assert_eq!(run(json!({"code": code})), "from-envd\n");
+    assert_eq!(
+        run(json!({"code": code, "env_vars": {"ROOST_SANDBOX_VAR": "override"}})),
+        "override\n"
+    );
+    assert_eq!(
+        run(json!({"code": code})),
+        "from-envd\n",
+        "restored to envd's value"
+    );
+    let tokens: Vec<String> = asked.try_iter().collect();
+    assert_eq!(tokens, ["t0ken"], "asked once, with the caller's token");
+}

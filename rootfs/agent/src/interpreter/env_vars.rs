@@ -51,6 +51,14 @@ pub fn set_code(vars: &BTreeMap<String, String>) -> String {
     )
 }
 
+/// Python that sets `vars` for good (the sandbox's own variables).
+pub fn set_permanently_code(vars: &BTreeMap<String, String>) -> String {
+    format!(
+        "import os as _roost_os\n_roost_os.environ.update({})\ndel _roost_os\n",
+        python_dict(vars)
+    )
+}
+
 /// Python that puts back what [`set_code`] saved: old values restored, new names removed.
 pub fn restore_code() -> String {
     format!(

@@ -74,6 +74,22 @@ async fn finish(out: &mpsc::Sender<OutputLine>, outcome: Outcome) -> Outcome {
     outcome
 }
 
+/// Sets the sandbox's own env vars in a kernel that has not got them yet (see
+/// [`super::sandbox_env`]); `vars` is `None` when envd could not be asked (try next time).
+pub async fn apply_sandbox_env(kernel: &mut Kernel, vars: Option<BTreeMap<String, String>>) {
+    let Some(vars) = vars else {
+        return;
+    };
+    if !vars.is_empty() && env_vars::validate(&vars).is_ok() {
+        let code = env_vars::set_permanently_code(&vars);
+        if let Err(outcome) = run_quietly(kernel, code, "set sandbox env vars").await {
+            tracing::warn!("could not set the sandbox env vars: {outcome:?}");
+            return;
+        }
+    }
+    kernel.mark_sandbox_env_set();
+}
+
 fn cell_request(code: String) -> ExecuteRequest {
     ExecuteRequest {
         code,

@@ -15,6 +15,7 @@
 //! ## Layout
 //! - [`options`]: the subcommand's flags. [`server`]: routes, token, errors.
 //! - [`contexts`]: contexts and the default one. [`execution`]: one `/execute`.
+//! - [`sandbox_env`]: the sandbox's env vars, from envd.
 //! - [`kernel`]: a kernel process and its ZeroMQ channels. [`translate`]: Jupyter messages →
 //!   output lines. [`env_vars`]: per-execution environment variables. [`wire`]: the JSON.
 //! - [`guest`]: how init starts the interpreter in the `code-interpreter` image.
@@ -28,6 +29,7 @@ pub mod execution;
 pub mod guest;
 pub mod kernel;
 pub mod options;
+pub mod sandbox_env;
 pub mod server;
 pub mod translate;
 pub mod wire;
@@ -96,6 +98,7 @@ async fn serve(options: &InterpreterOptions) -> anyhow::Result<()> {
     let state = Arc::new(server::AppState::new(
         Arc::clone(&contexts),
         options.access_token.as_deref(),
+        options.envd,
     ));
     let address = SocketAddr::new(options.listen, options.port);
     let listener = tokio::net::TcpListener::bind(address)

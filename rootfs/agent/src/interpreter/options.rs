@@ -1,6 +1,6 @@
 //! `roost-agent interpreter [FLAGS]`: parsed by hand like the rest of the agent's CLI.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ pub struct InterpreterOptions {
     pub runtime_dir: PathBuf,
     pub kernel_env: Vec<(String, String)>,
     pub kernel_start_timeout: Duration,
+    /// envd, asked for the sandbox's env vars; `--envd none` asks nobody.
+    pub envd: Option<SocketAddr>,
 }
 
 impl Default for InterpreterOptions {
@@ -40,6 +42,7 @@ impl Default for InterpreterOptions {
             runtime_dir: "/run/roost-interpreter".into(),
             kernel_env: Vec::new(),
             kernel_start_timeout: Duration::from_secs(60),
+            envd: Some(SocketAddr::from(([127, 0, 0, 1], 49983))),
         }
     }
 }
@@ -74,6 +77,13 @@ impl InterpreterOptions {
                 "--user" => options.user = value()?,
                 "--cwd" => options.cwd = Some(value()?.into()),
                 "--runtime-dir" => options.runtime_dir = value()?.into(),
+                "--envd" => {
+                    let v = value()?;
+                    options.envd = match v.as_str() {
+                        "none" => None,
+                        addr => Some(addr.parse().map_err(|_| format!("bad --envd `{v}`"))?),
+                    };
+                }
                 "--kernel-env" => {
                     let v = value()?;
                     let (key, val) = v
@@ -136,6 +146,8 @@ mod tests {
             "127.0.0.1",
             "--kernel-start-timeout",
             "5",
+            "--envd",
+            "none",
         ])
         .unwrap();
         assert_eq!(options.port, 0);
@@ -146,6 +158,11 @@ mod tests {
         assert_eq!(options.kernel_env, vec![("A".into(), "b=c".into())]);
         assert_eq!(options.listen, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(options.kernel_start_timeout, Duration::from_secs(5));
+        assert_eq!(options.envd, None);
+        assert_eq!(
+            parse(&["--envd", "127.0.0.1:1"]).unwrap().envd,
+            Some(SocketAddr::from(([127, 0, 0, 1], 1)))
+        );
     }
 
     #[test]
@@ -157,6 +174,7 @@ mod tests {
             &["--kernel-env", "=x"],
             &["--kernel-start-timeout", "0"],
             &["--listen", "nowhere"],
+            &["--envd", "localhost"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }

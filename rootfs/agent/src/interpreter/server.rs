@@ -6,6 +6,7 @@
 //! which the execution sees and answers by interrupting the kernel.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 use super::contexts::{Context, ContextError, Contexts, normalize_language};
 use super::execution::{self, KEEPALIVE};
 use super::wire::{CreateContextRequest, ErrorBody, ExecuteRequest, OutputLine};
-use super::{env_vars, wire};
+use super::{env_vars, sandbox_env, wire};
 
 /// Largest request body (code included): 16 MiB.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
@@ -37,13 +38,20 @@ pub struct AppState {
     pub contexts: Arc<Contexts>,
     /// SHA-256 of the access token, when one is required.
     token_digest: Option<[u8; 32]>,
+    /// envd, asked for the sandbox's env vars ([`super::sandbox_env`]).
+    envd: Option<SocketAddr>,
 }
 
 impl AppState {
-    pub fn new(contexts: Arc<Contexts>, access_token: Option<&str>) -> Self {
+    pub fn new(
+        contexts: Arc<Contexts>,
+        access_token: Option<&str>,
+        envd: Option<SocketAddr>,
+    ) -> Self {
         Self {
             contexts,
             token_digest: access_token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            envd,
         }
     }
 }
@@ -182,6 +190,7 @@ async fn method_not_allowed() -> ApiError {
 
 async fn execute(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     JsonBody(request): JsonBody<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
     if request.context_id.is_some() && request.language.is_some() {
@@ -205,13 +214,28 @@ async fn execute(
         None => None,
     };
     let (out, lines) = mpsc::channel(OUTPUT_BUFFER);
+    let envd = EnvdAccess {
+        addr: state.envd,
+        token: headers
+            .get(ACCESS_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
     tokio::spawn(run_execution(
         Arc::clone(&state.contexts),
         context,
         request,
+        envd,
         out,
     ));
     Ok(ndjson_response(lines))
+}
+
+/// Where to ask for the sandbox's env vars, with the caller's token.
+#[derive(Debug)]
+struct EnvdAccess {
+    addr: Option<SocketAddr>,
+    token: Option<String>,
 }
 
 /// Waits for the context (sending keepalives), then runs the cell.
@@ -219,6 +243,7 @@ async fn run_execution(
     contexts: Arc<Contexts>,
     context: Option<Arc<Context>>,
     request: ExecuteRequest,
+    envd: EnvdAccess,
     out: mpsc::Sender<OutputLine>,
 ) {
     let acquire = async {
@@ -259,6 +284,10 @@ async fn run_execution(
     let Some(kernel) = guard.as_mut() else {
         return;
     };
+    if kernel.needs_sandbox_env() {
+        let vars = sandbox_env::fetch(envd.addr, envd.token.as_deref()).await;
+        execution::apply_sandbox_env(kernel, vars).await;
+    }
     execution::run(kernel, request.code, request.env_vars.as_ref(), &out).await;
 }
 
@@ -332,7 +361,7 @@ mod tests {
             extra_env: Vec::new(),
         };
         let contexts = Arc::new(Contexts::new(command, "/".into(), Duration::from_secs(1)));
-        router(Arc::new(AppState::new(contexts, token)))
+        router(Arc::new(AppState::new(contexts, token, None)))
     }
 
     async fn call(app: Router, request: Request<Body>) -> (StatusCode, Value) {

@@ -60,6 +60,8 @@ pub struct Kernel {
     shell: jupyter_zmq_client::DealerSendConnection,
     routes: Routes,
     readers: Vec<JoinHandle<()>>,
+    /// Whether the sandbox's env vars (from envd) are set in this kernel yet.
+    sandbox_env_set: bool,
 }
 
 impl Kernel {
@@ -86,6 +88,7 @@ impl Kernel {
             shell: shell_send,
             routes,
             readers,
+            sandbox_env_set: false,
         };
         kernel.wait_until_ready(deadline, timeout).await?;
         tracing::info!(
@@ -169,6 +172,15 @@ impl Kernel {
         };
         self.shell.send(message).await.map_err(SubmitError::Send)?;
         Ok(submission)
+    }
+
+    /// Whether the sandbox's env vars still have to be set in this kernel.
+    pub fn needs_sandbox_env(&self) -> bool {
+        !self.sandbox_env_set
+    }
+
+    pub fn mark_sandbox_env_set(&mut self) {
+        self.sandbox_env_set = true;
     }
 
     /// Interrupts the running cell (SIGINT to the kernel's process group).
