@@ -35,7 +35,9 @@ fn waiters() -> &'static Mutex<Waiters> {
 /// The registry lock: hold it while reaping with `waitpid(-1)`.
 pub fn lock() -> MutexGuard<'static, Waiters> {
     // A panic while holding the lock leaves the map consistent (inserts and removes only).
-    waiters().lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    waiters()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Spawns `command` and records its pid; the returned [`Exit`] resolves when it is reaped.
