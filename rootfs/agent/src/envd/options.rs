@@ -9,6 +9,34 @@ use std::path::PathBuf;
 
 use super::ServeOptions;
 
+/// Test-only PID 1 flag: serve the API on this address although system setup is skipped.
+pub const PID1_LISTEN_FLAG: &str = "--envd-listen=";
+
+/// What PID 1 serves: in a VM (system setup done) the guest defaults; with
+/// `--skip-system-setup` (tests of init in a PID namespace) nothing, unless the arguments name
+/// an address with `--envd-listen=IP:PORT` (then without `/init` socket and clock setting).
+pub fn for_pid1(args: &[String], skip_system_setup: bool) -> Option<ServeOptions> {
+    let defaults = ServeOptions {
+        set_clock: true,
+        reap_children: false,
+        ..ServeOptions::default()
+    };
+    if !skip_system_setup {
+        return Some(defaults);
+    }
+    let listen = args
+        .iter()
+        .find_map(|a| a.strip_prefix(PID1_LISTEN_FLAG))?
+        .parse()
+        .ok()?;
+    Some(ServeOptions {
+        listen,
+        init_socket: None,
+        set_clock: false,
+        ..defaults
+    })
+}
+
 /// Parses the flags after `serve`.
 pub fn parse(args: &[String]) -> Result<ServeOptions, String> {
     let mut options = ServeOptions {
@@ -95,6 +123,19 @@ mod tests {
         let defaults = parse(&[]).unwrap();
         assert_eq!(defaults.listen.port(), 49983);
         assert_eq!(defaults.config.default_user, "user");
+    }
+
+    #[test]
+    fn pid1_serves_in_a_vm_and_in_tests_only_when_asked() {
+        let vm = for_pid1(&[], false).unwrap();
+        assert!(vm.set_clock && !vm.reap_children);
+        assert_eq!(vm.listen.port(), 49983);
+        assert!(vm.init_socket.is_some());
+        assert_eq!(for_pid1(&strings(&["--skip-system-setup"]), true), None);
+        let test = for_pid1(&strings(&["--envd-listen=127.0.0.1:5001"]), true).unwrap();
+        assert_eq!(test.listen, "127.0.0.1:5001".parse().unwrap());
+        assert!(!test.set_clock && !test.reap_children && test.init_socket.is_none());
+        assert_eq!(for_pid1(&strings(&["--envd-listen=nonsense"]), true), None);
     }
 
     #[test]

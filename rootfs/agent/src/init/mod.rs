@@ -55,12 +55,9 @@ pub fn run(options: &InitOptions) -> ! {
     {
         say!("cannot start the code interpreter: {e}");
     }
-    if !options.skip_system_setup
-        && let Err(e) = crate::envd::start_in_background(crate::envd::ServeOptions {
-            set_clock: true,
-            reap_children: false,
-            ..crate::envd::ServeOptions::default()
-        })
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(envd) = crate::envd::options::for_pid1(&args, options.skip_system_setup)
+        && let Err(e) = crate::envd::start_in_background(envd)
     {
         say!("cannot start the envd API: {e:#}");
     }
