@@ -151,7 +151,8 @@ mod tests {
         assert_eq!({ params.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!(params.hdr.type_of_loader, KERNEL_LOADER_OTHER);
-        assert_eq!(u64::from({ params.hdr.cmd_line_ptr }), CMDLINE_START);
+        let cmd_line_ptr = params.hdr.cmd_line_ptr;
+        assert_eq!(u64::from(cmd_line_ptr), CMDLINE_START);
         assert_eq!({ params.hdr.cmdline_size }, 22);
         assert_eq!(params.e820_entries, 2);
         let mut text = [0u8; 23];

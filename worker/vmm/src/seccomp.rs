@@ -132,8 +132,7 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
             rules.extend(DEVICE_EXTRA.iter().map(|nr| (*nr, Vec::new())));
             let unix = u64::try_from(libc::AF_UNIX).unwrap_or(u64::MAX);
             rules.insert(libc::SYS_socket, vec![rule(vec![arg_eq(0, unix, name)?])?]);
-            let fionbio = u64::try_from(libc::FIONBIO).unwrap_or(u64::MAX);
-            let fionread = u64::try_from(libc::FIONREAD).unwrap_or(u64::MAX);
+            let (fionbio, fionread) = (libc::FIONBIO, libc::FIONREAD);
             rules.insert(
                 libc::SYS_ioctl,
                 vec![

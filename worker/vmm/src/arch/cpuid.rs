@@ -4,7 +4,7 @@
 //! Which leaves matter: leaf 1 (APIC id, logical-CPU count, HTT, the hypervisor bit — KVM's
 //! supported list does not set it, and without it the guest finds no kvm-clock), leaves 0x4 and
 //! 0xb/0x1f (Intel cache sharing and x2APIC topology), 0x8000_0008 and 0x8000_001e (AMD core
-//! count and topology), 0xd (XSAVE size for all enabled features).
+//! count and topology).
 
 use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 
@@ -44,16 +44,14 @@ fn normalise_entry(entry: &mut kvm_cpuid_entry2, index: u8, count: u8) {
                 entry.edx &= !LEAF1_EDX_HTT;
             }
         }
-        0x4 => {
-            // Only caches that exist (type != 0) carry topology.
-            if entry.eax & 0x1f != 0 {
-                let level = (entry.eax >> 5) & 0x7;
-                // L1/L2 are private to a core (one thread each); L3 is shared by the package.
-                let sharing = if level >= 3 { count32 - 1 } else { 0 };
-                entry.eax &= 0x0000_3fff;
-                entry.eax |= (sharing & 0xfff) << 14;
-                entry.eax |= ((count32 - 1) & 0x3f) << 26;
-            }
+        // Only caches that exist (type != 0) carry topology.
+        0x4 if entry.eax & 0x1f != 0 => {
+            let level = (entry.eax >> 5) & 0x7;
+            // L1/L2 are private to a core (one thread each); L3 is shared by the package.
+            let sharing = if level >= 3 { count32 - 1 } else { 0 };
+            entry.eax &= 0x0000_3fff;
+            entry.eax |= (sharing & 0xfff) << 14;
+            entry.eax |= ((count32 - 1) & 0x3f) << 26;
         }
         0xb | 0x1f => {
             let (shift, logical, level_type) = match entry.index {
@@ -65,13 +63,6 @@ fn normalise_entry(entry: &mut kvm_cpuid_entry2, index: u8, count: u8) {
             entry.ebx = logical;
             entry.ecx = (level_type << 8) | (entry.index & 0xff);
             entry.edx = apic_id;
-        }
-        0xd if entry.index == 0 => {
-            // EBX is the XSAVE area size for the features enabled in XCR0. The kernel enables
-            // every supported user feature and checks EBX against its own sum before KVM's
-            // runtime update is visible under nested virtualisation: start at the full size
-            // (ECX), as QEMU does.
-            entry.ebx = entry.ecx;
         }
         0x8000_0008 => {
             entry.ecx = (entry.ecx & !0xf0ff) | (id_bits(count) << 12) | (count32 - 1);
@@ -124,8 +115,6 @@ mod tests {
             leaf(0x8000_0008, 0, 0x3030, 0, 0x0000_700f, 0),
             leaf(0x8000_001e, 0, 9, 0x0000_0105, 0x0000_0301, 0),
             leaf(0x4000_0001, 0, 0x0100_0000, 0, 0, 0),
-            leaf(0xd, 0, 0x7, 0x240, 0x340, 0),
-            leaf(0xd, 2, 0x100, 0x240, 0, 0),
         ])
         .unwrap()
     }
@@ -182,20 +171,6 @@ mod tests {
         let topo = find(&cpuid, 0x8000_001e, 0).unwrap();
         assert_eq!((topo.eax, topo.ebx & 0xffff, topo.ecx), (2, 2, 0));
         assert_eq!(find(&cpuid, 0x4000_0001, 0).unwrap().eax, 0x0100_0000);
-    }
-
-    #[test]
-    fn xsave_size_covers_every_supported_feature() {
-        let mut cpuid = host_like();
-        normalise(&mut cpuid, 0, 1);
-        let xsave = find(&cpuid, 0xd, 0).unwrap();
-        assert_eq!((xsave.eax, xsave.ebx, xsave.ecx), (0x7, 0x340, 0x340));
-        let avx = find(&cpuid, 0xd, 2).unwrap();
-        assert_eq!(
-            (avx.eax, avx.ebx),
-            (0x100, 0x240),
-            "component offsets untouched"
-        );
     }
 
     #[test]
