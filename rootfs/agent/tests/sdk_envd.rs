@@ -4,7 +4,9 @@
 //! time) with `--root` a fresh directory owned by `user` (created with `useradd` if the
 //! machine lacks it), then runs `tests/sdk/test_envd*.py` with the SDK venv's python
 //! (`$ROOST_SDK_PYTHON`) and `E2B_DEBUG=true`, which makes the SDK talk to localhost:49983
-//! with no control plane. Fails, saying what to install, without the venv.
+//! with no control plane: once over HTTP/2 (h2c, the SDK's default) and once over HTTP/1.1
+//! (`E2B_HTTP_VERSION=1.1`: chunked request bodies). Fails, saying what to install, without
+//! the venv.
 
 mod envd_support;
 
@@ -34,18 +36,24 @@ fn sdk_envd_official_sdk_suite_passes() {
     );
 
     let agent = Agent::start(49983, &[]);
-    let status = Command::new(&python)
-        .args(["-m", "pytest", "-v", "-p", "no:cacheprovider"])
-        .arg(format!(
-            "--basetemp={}",
-            agent.root_path().join(".pytest").display()
-        ))
-        .args(&files)
-        .current_dir(&sdk_dir)
-        .env("E2B_DEBUG", "true")
-        .env("ROOST_ENVD_ROOT", agent.root_path())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .status()
-        .expect("run pytest");
-    assert!(status.success(), "the SDK tests failed: {status}");
+    for http_version in ["2", "1.1"] {
+        let status = Command::new(&python)
+            .args(["-m", "pytest", "-v", "-p", "no:cacheprovider"])
+            .arg(format!(
+                "--basetemp={}",
+                agent.root_path().join(".pytest").display()
+            ))
+            .args(&files)
+            .current_dir(&sdk_dir)
+            .env("E2B_DEBUG", "true")
+            .env("E2B_HTTP_VERSION", http_version)
+            .env("ROOST_ENVD_ROOT", agent.root_path())
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .status()
+            .expect("run pytest");
+        assert!(
+            status.success(),
+            "the SDK tests failed over HTTP/{http_version}: {status}"
+        );
+    }
 }

@@ -138,6 +138,20 @@ def test_write_and_read_text_and_bytes(sandbox, workdir):
     assert sandbox.files.get_info(f"{workdir}/hello.txt").owner == "user"
 
 
+def test_write_files_and_octet_stream_upload(sandbox, workdir):
+    infos = sandbox.files.write_files(
+        [{"path": f"{workdir}/multi/one.txt", "data": "1"}, {"path": f"{workdir}/multi/two.txt", "data": b"22"}]
+    )
+    assert sorted(i.path for i in infos) == [f"{workdir}/multi/one.txt", f"{workdir}/multi/two.txt"]
+    assert sandbox.files.read(f"{workdir}/multi/two.txt") == "22"
+    sandbox.files.write(f"{workdir}/octet.txt", "octets", use_octet_stream=True)
+    assert sandbox.files.read(f"{workdir}/octet.txt") == "octets"
+
+
+def test_sandbox_reports_running(sandbox):
+    assert sandbox.is_running()
+
+
 def test_relative_paths_resolve_against_the_root(sandbox, workdir):
     name = os.path.relpath(workdir, os.environ["ROOST_ENVD_ROOT"])
     sandbox.files.write(f"{name}/rel.txt", "relative")
@@ -162,6 +176,11 @@ def test_fifty_mib_stream_round_trip(sandbox, workdir):
         received += len(chunk)
     assert received == size
     assert digest.hexdigest() == expected
+
+    # The same file as a streamed multipart upload.
+    sandbox.files.write(f"{workdir}/big-multipart.bin", io.BytesIO(data), use_octet_stream=False)
+    back = sandbox.files.read(f"{workdir}/big-multipart.bin", format="bytes")
+    assert hashlib.sha256(back).hexdigest() == expected
 
 
 def test_list_exists_info_rename_remove(sandbox, workdir):
