@@ -211,18 +211,33 @@ impl CacheEntry {
         if final_dir.is_dir() {
             return Ok((final_dir, Origin::Cached));
         }
+        self.remove_stale_staging()?;
         let staging = self.kind_dir.join(format!(
             ".staging-{}-{}",
             self.key.as_str(),
             std::process::id()
         ));
-        remove_dir_if_present(&staging)?;
         fs::create_dir_all(&staging).map_err(CacheError::io(&staging))?;
         let guard = StagingGuard(staging.clone());
         build(&staging)?;
         fs::rename(&staging, &final_dir).map_err(CacheError::io(&final_dir))?;
         std::mem::forget(guard);
         Ok((final_dir, Origin::Built))
+    }
+
+    /// Removes staging directories of this key left by builds that were killed. Only called
+    /// while holding the key's lock, so no live build owns one of them.
+    fn remove_stale_staging(&self) -> Result<(), CacheError> {
+        let prefix = format!(".staging-{}-", self.key.as_str());
+        let entries = fs::read_dir(&self.kind_dir).map_err(CacheError::io(&self.kind_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(CacheError::io(&self.kind_dir))?;
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                tracing::info!(path = %entry.path().display(), "removing a killed build's staging dir");
+                remove_dir_if_present(&entry.path())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -309,6 +324,28 @@ mod tests {
             .get_or_build(|_| -> Result<(), CacheError> { panic!("must not rebuild") })
             .unwrap();
         assert_eq!(origin, Origin::Cached);
+    }
+
+    #[test]
+    fn a_killed_builds_staging_dir_is_removed_by_the_next_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::at(dir.path()).unwrap();
+        let key = CacheKeyBuilder::new("k").finish();
+        let entry = cache.entry("kind", &key);
+        let stale = dir
+            .path()
+            .join("kind")
+            .join(format!(".staging-{}-999999", key.as_str()));
+        let other_key = dir.path().join("kind").join(".staging-otherkey-1");
+        fs::create_dir_all(stale.join("half-written")).unwrap();
+        fs::create_dir_all(&other_key).unwrap();
+        entry
+            .get_or_build(|staging| {
+                fs::write(staging.join("artefact"), "data").map_err(CacheError::io(staging))
+            })
+            .unwrap();
+        assert!(!stale.exists(), "stale staging dir survived");
+        assert!(other_key.exists(), "another key's staging dir was touched");
     }
 
     #[test]
