@@ -114,7 +114,9 @@ async fn stdin_round_trip_with_backpressure() {
     assert!(output.status.success());
 
     // 8 MiB through `cat` while reading its output concurrently: both directions must flow.
-    let data: Vec<u8> = (0..8 * MIB).map(|i| u8::try_from(i * 31 % 251).unwrap()).collect();
+    let data: Vec<u8> = (0..8 * MIB)
+        .map(|i| u8::try_from(i * 31 % 251).unwrap())
+        .collect();
     let mut request = exec_argv(["cat"]);
     request.stdin = true;
     let (mut input, output) = agent.client.exec(request).await.unwrap().split();
