@@ -19,3 +19,4 @@ pub mod vmm;
 pub use config::VmConfig;
 pub use exit::{ShutdownReason, VmExit};
 pub use vmm::{BuiltVm, Privileges, RunningVm, VmmError, build, run};
+pub mod state;

@@ -30,6 +30,44 @@ pub enum SeccompError {
 /// `KVM_RUN` (`_IO(KVMIO, 0x80)`).
 const KVM_RUN: u64 = 0xae80;
 
+/// The KVM ioctl type byte.
+const KVMIO: u32 = 0xae;
+
+/// The vCPU `KVM_GET_*` ioctls a paused vCPU thread uses to save its state (`crate::state`);
+/// numbers computed as kvm-ioctls does (its own table is private).
+#[allow(non_snake_case, clippy::cast_possible_truncation)]
+mod kvm_get {
+    use super::KVMIO;
+    use kvm_bindings::*;
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+
+    /// Every vCPU state read.
+    pub fn all() -> [u64; 10] {
+        [
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+        ]
+        .map(u64::from)
+    }
+}
+
 /// Syscalls every VMM thread needs: memory allocation, futexes, signals (the kick), time,
 /// writing logs, closing fds and exiting.
 const COMMON: &[i64] = &[
@@ -95,7 +133,8 @@ const DEVICE_EXTRA: &[i64] = &[
 /// Which thread a filter is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// Runs `KVM_RUN` and dispatches exits: only the `KVM_RUN` ioctl, no new sockets or files.
+    /// Runs `KVM_RUN` and dispatches exits: only `KVM_RUN` and the vCPU state reads, no new
+    /// sockets or files.
     Vcpu,
     /// The device event loop: epoll, disk I/O, Unix sockets (only `AF_UNIX` may be created).
     Device,
@@ -123,10 +162,11 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
     let rule = |conditions| SeccompRule::new(conditions).map_err(|e| SeccompError::Build(name, e));
     match kind {
         ThreadKind::Vcpu => {
-            rules.insert(
-                libc::SYS_ioctl,
-                vec![rule(vec![arg_eq(1, KVM_RUN, name)?])?],
-            );
+            let ioctls = std::iter::once(KVM_RUN)
+                .chain(kvm_get::all())
+                .map(|request| rule(vec![arg_eq(1, request, name)?]))
+                .collect::<Result<Vec<_>, _>>()?;
+            rules.insert(libc::SYS_ioctl, ioctls);
         }
         ThreadKind::Device => {
             rules.extend(DEVICE_EXTRA.iter().map(|nr| (*nr, Vec::new())));
@@ -195,7 +235,21 @@ mod tests {
                 "syscall {forbidden} allowed"
             );
         }
-        assert_eq!(rules[&libc::SYS_ioctl].len(), 1, "only KVM_RUN");
+        assert_eq!(
+            rules[&libc::SYS_ioctl].len(),
+            11,
+            "KVM_RUN and 10 KVM_GET_*"
+        );
+        assert_eq!(
+            kvm_get::KVM_GET_REGS(),
+            0x8090_ae81,
+            "matches <linux/kvm.h>"
+        );
+        assert_eq!(
+            kvm_get::KVM_GET_MSRS(),
+            0xc008_ae88,
+            "matches <linux/kvm.h>"
+        );
     }
 
     #[test]

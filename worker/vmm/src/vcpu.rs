@@ -7,6 +7,7 @@
 //! thread consults [`RunControl`], and parks (pause) or leaves (stop).
 
 use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -14,6 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use crate::arch::{cpuid, lapic, msrs, regs};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitCoordinator, ShutdownReason, VmExit};
+use crate::state::{StateError, VcpuState};
 
 /// Why a vCPU could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -76,55 +78,116 @@ pub enum RunState {
     Stopping,
 }
 
-/// Shared run state of all vCPUs, and how many are parked.
+/// What the vCPU threads share about running, pausing and saving.
+#[derive(Debug)]
+struct Control {
+    state: RunState,
+    parked: usize,
+    /// Incremented for each save request; `served[i]` is the last round vCPU `i` answered.
+    save_round: u64,
+    served: Vec<u64>,
+    saved: Vec<Option<Result<VcpuState, String>>>,
+}
+
+/// Shared run state of all vCPUs: pause, resume, stop, and saving state while paused.
 #[derive(Debug)]
 pub struct RunControl {
-    state: Mutex<(RunState, usize)>,
+    control: Mutex<Control>,
     changed: Condvar,
 }
 
-impl Default for RunControl {
-    fn default() -> Self {
+impl RunControl {
+    /// Control for `vcpus` vCPUs, running.
+    pub fn new(vcpus: usize) -> Self {
         Self {
-            state: Mutex::new((RunState::Running, 0)),
+            control: Mutex::new(Control {
+                state: RunState::Running,
+                parked: 0,
+                save_round: 0,
+                served: vec![0; vcpus],
+                saved: vec![None; vcpus],
+            }),
             changed: Condvar::new(),
         }
     }
-}
 
-impl RunControl {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (RunState, usize)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks every vCPU to pause, resume or stop (they notice when kicked).
     pub fn set(&self, state: RunState) {
-        self.lock().0 = state;
+        self.lock().state = state;
         self.changed.notify_all();
     }
 
     pub fn state(&self) -> RunState {
-        self.lock().0
+        self.lock().state
     }
 
     /// vCPUs currently parked by a pause.
     pub fn parked(&self) -> usize {
-        self.lock().1
+        self.lock().parked
     }
 
-    /// Called by a vCPU thread after `KVM_RUN` was interrupted: parks while paused; returns
-    /// whether the thread should keep running.
-    fn keep_running(&self) -> bool {
+    /// Asks every parked vCPU for its state; returns once all `count` answered or `timeout`
+    /// passed.
+    pub fn collect_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, StateError> {
+        let deadline = Instant::now() + timeout;
         let mut guard = self.lock();
-        if guard.0 == RunState::Paused {
-            guard.1 += 1;
+        guard.save_round += 1;
+        guard.saved.iter_mut().for_each(|s| *s = None);
+        self.changed.notify_all();
+        while guard.saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StateError::PauseTimeout(timeout));
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut states = Vec::with_capacity(guard.saved.len());
+        for (index, saved) in (0u8..).zip(guard.saved.iter_mut()) {
+            match saved.take() {
+                Some(Ok(state)) => states.push(state),
+                Some(Err(detail)) => return Err(StateError::Vcpu { index, detail }),
+                None => unreachable!("checked above"),
+            }
+        }
+        Ok(states)
+    }
+
+    /// Called by vCPU thread `index` after `KVM_RUN` was interrupted: parks while paused
+    /// (answering save requests with `save`); returns whether the thread should keep running.
+    fn keep_running(
+        &self,
+        index: usize,
+        save: &mut dyn FnMut() -> Result<VcpuState, String>,
+    ) -> bool {
+        let mut guard = self.lock();
+        if guard.state == RunState::Paused {
+            guard.parked += 1;
             self.changed.notify_all();
-            while guard.0 == RunState::Paused {
+            while guard.state == RunState::Paused {
+                if guard
+                    .served
+                    .get(index)
+                    .is_some_and(|s| *s < guard.save_round)
+                {
+                    let round = guard.save_round;
+                    guard.served[index] = round;
+                    guard.saved[index] = Some(save());
+                    self.changed.notify_all();
+                    continue;
+                }
                 guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
-            guard.1 -= 1;
+            guard.parked -= 1;
         }
-        guard.0 == RunState::Running
+        guard.state == RunState::Running
     }
 }
 
@@ -199,6 +262,8 @@ pub struct VcpuShared {
     pub mmio: Arc<Bus>,
     pub exits: Arc<ExitCoordinator>,
     pub control: Arc<RunControl>,
+    /// KVM's MSR index list, for saving state.
+    pub msr_indices: Arc<Vec<u32>>,
 }
 
 /// Guest-triggerable log lines are rate-limited to this many per vCPU.
@@ -220,8 +285,13 @@ pub fn run(mut vcpu: Vcpu, shared: &VcpuShared) {
         }
     };
     loop {
-        if shared.control.state() != RunState::Running && !shared.control.keep_running() {
-            return;
+        if shared.control.state() != RunState::Running {
+            let fd = &vcpu.fd;
+            let mut save =
+                || VcpuState::save(fd, index, &shared.msr_indices).map_err(|e| e.to_string());
+            if !shared.control.keep_running(usize::from(index), &mut save) {
+                return;
+            }
         }
         let outcome = match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -296,5 +366,77 @@ fn describe_regs(fd: &VcpuFd) -> String {
     match fd.get_regs() {
         Ok(r) => format!(" at rip {:#x}", r.rip),
         Err(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_of(index: u8) -> VcpuState {
+        VcpuState {
+            index,
+            cpuid: Vec::new(),
+            msrs: Vec::new(),
+            regs: kvm_bindings::kvm_regs {
+                rip: 0x1000 + u64::from(index),
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: Vec::new(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            mp_state: Default::default(),
+            vcpu_events: Default::default(),
+        }
+    }
+
+    /// Stands in for a vCPU thread: parks through `keep_running` until told to stop.
+    fn fake_vcpu(control: Arc<RunControl>, index: u8) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut saves = 0;
+            let mut save = || {
+                saves += 1;
+                Ok(state_of(index))
+            };
+            while control.keep_running(usize::from(index), &mut save) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            saves
+        })
+    }
+
+    #[test]
+    fn paused_vcpus_report_their_state_and_stop_on_request() {
+        let control = Arc::new(RunControl::new(2));
+        control.set(RunState::Paused);
+        let threads = [fake_vcpu(control.clone(), 0), fake_vcpu(control.clone(), 1)];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.parked() < 2 {
+            assert!(Instant::now() < deadline, "vCPUs never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let states = control.collect_states(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            states.iter().map(|s| s.regs.rip).collect::<Vec<_>>(),
+            [0x1000, 0x1001]
+        );
+        let again = control.collect_states(Duration::from_secs(10)).unwrap();
+        assert_eq!(again.len(), 2);
+        control.set(RunState::Stopping);
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 2, "one save per request");
+        }
+        assert_eq!(control.parked(), 0);
+    }
+
+    #[test]
+    fn collecting_without_paused_vcpus_times_out() {
+        let control = RunControl::new(1);
+        let err = control
+            .collect_states(Duration::from_millis(20))
+            .unwrap_err();
+        assert!(matches!(err, StateError::PauseTimeout(_)));
     }
 }

@@ -27,6 +27,8 @@ pub enum VmError {
     CreatePit(#[source] kvm_ioctls::Error),
     #[error("could not read the CPUID KVM supports")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("could not read KVM's MSR index list")]
+    MsrIndexList(#[source] kvm_ioctls::Error),
     #[error("could not register guest memory slot {slot} with KVM")]
     SetMemory {
         slot: u32,

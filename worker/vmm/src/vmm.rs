@@ -28,11 +28,14 @@ use crate::layout;
 use crate::memory::{self, MemoryError};
 use crate::privileges::{self, PrivilegeError};
 use crate::seccomp::{self, SeccompError, ThreadKind};
+use crate::state::{MachineState, StateError, VmState};
 use crate::vcpu::{self, RunControl, RunState, Vcpu, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
 
 /// Offset of the virtio-mmio `QueueNotify` register (written with the queue index).
 const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+/// How long pausing (or saving) may take before it is reported as failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
 const KICK_INTERVAL: Duration = Duration::from_millis(2);
 
@@ -124,6 +127,7 @@ pub struct BuiltVm {
     exits: Arc<ExitCoordinator>,
     config: VmConfig,
     cmdline: String,
+    msr_indices: Vec<u32>,
 }
 
 impl std::fmt::Debug for BuiltVm {
@@ -233,6 +237,12 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         source,
     })?;
     let entry = boot::load_kernel(&memory, &mut kernel)?;
+    let msr_indices = vm
+        .kvm()
+        .get_msr_index_list()
+        .map_err(VmError::MsrIndexList)?
+        .as_slice()
+        .to_vec();
     let vcpus = (0..config.vcpus)
         .map(|index| Vcpu::new(vm.fd(), vm.supported_cpuid(), index, config.vcpus, entry))
         .collect::<Result<Vec<_>, _>>()?;
@@ -246,6 +256,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         exits,
         config: config.clone(),
         cmdline: cmdline_text,
+        msr_indices,
     })
 }
 
@@ -295,12 +306,13 @@ impl BuiltVm {
         if privileges == Privileges::Drop {
             privileges::drop_all()?;
         }
-        let control = Arc::new(RunControl::default());
+        let control = Arc::new(RunControl::new(self.vcpus.len()));
         let shared = VcpuShared {
             pio: Arc::new(self.pio),
             mmio: Arc::new(self.mmio),
             exits: self.exits.clone(),
             control: control.clone(),
+            msr_indices: Arc::new(self.msr_indices),
         };
         let mut running = RunningVm {
             vcpu_threads: Vec::with_capacity(self.vcpus.len()),
@@ -369,12 +381,26 @@ impl RunningVm {
     }
 
     /// Pauses every vCPU: they leave `KVM_RUN` and park. Returns once all are parked.
-    pub fn pause(&self) {
+    pub fn pause(&self) -> Result<(), StateError> {
         self.control.set(RunState::Paused);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
         while self.control.parked() < self.live_vcpus() {
+            if Instant::now() > deadline {
+                return Err(StateError::PauseTimeout(PAUSE_TIMEOUT));
+            }
             self.kick_all();
             std::thread::sleep(KICK_INTERVAL);
         }
+        Ok(())
+    }
+
+    /// Pauses the VM (if it is not already) and reads every vCPU's and the VM's KVM state. The
+    /// VM stays paused: call [`RunningVm::resume`] to go on.
+    pub fn save_state(&self) -> Result<MachineState, StateError> {
+        self.pause()?;
+        let vcpus = self.control.collect_states(PAUSE_TIMEOUT)?;
+        let vm = VmState::save(self._vm.fd())?;
+        Ok(MachineState { vcpus, vm })
     }
 
     /// Lets paused vCPUs run again.

@@ -97,7 +97,7 @@ fn a_vcpu_thread_may_not_exec() {
 }
 
 #[test]
-fn a_vcpu_thread_may_only_ioctl_kvm_run() {
+fn a_vcpu_thread_may_not_make_non_kvm_ioctls() {
     assert_eq!(
         in_filtered_child(
             ThreadKind::Vcpu,
