@@ -103,7 +103,26 @@ fn restarting_a_context_ends_its_running_cell_and_keeps_its_id() {
 
 #[test]
 fn dropping_the_connection_interrupts_the_cell() {
-    let interpreter = Interpreter::start(0, &[]);
+    assert_a_dropped_connection_interrupts(&Interpreter::start(0, &[]));
+}
+
+/// Init blocks SIGINT, SIGTERM, SIGCHLD... and its children inherit the mask: the interpreter
+/// must unblock them, or SIGINT never reaches a kernel (and SIGTERM never stops it).
+#[test]
+fn started_with_init_s_signals_blocked_it_still_interrupts_and_stops() {
+    let interpreter = Interpreter::start_as_init_would(0, &[]);
+    assert_a_dropped_connection_interrupts(&interpreter);
+    let lines = execute(
+        interpreter.addr,
+        &json!({"code": "import signal\nsorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))"}),
+    );
+    assert!(
+        lines.iter().any(|l| l["text"] == "[]"),
+        "kernel mask: {lines:?}"
+    );
+}
+
+fn assert_a_dropped_connection_interrupts(interpreter: &Interpreter) {
     let addr = interpreter.addr;
     execute(addr, &json!({"code": "kept = 'yes'"}));
     let body = json!({"code": "import time\ntime.sleep(60)"}).to_string();

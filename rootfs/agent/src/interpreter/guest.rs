@@ -4,8 +4,8 @@
 //! so init knows its template without probing for Python packages. Init starts
 //! `roost-agent interpreter` as a child process: a separate process keeps tokio, the kernels and
 //! their reaping out of PID 1 (init's reaper only collects the interpreter itself if it ever
-//! exits). The child gets an empty signal mask from `std::process::Command`, so it handles
-//! SIGTERM itself when init shuts the guest down.
+//! exits). The child inherits init's blocked signals; `interpreter::run` unblocks them first
+//! thing, so it handles SIGTERM when init shuts the guest down and its kernels get SIGINT.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -26,7 +26,9 @@ pub fn start_if_code_interpreter_image() -> std::io::Result<Option<Child>> {
     if !is_code_interpreter_image(Path::new(IMAGE_MARKER)) {
         return Ok(None);
     }
-    let child = Command::new("/proc/self/exe")
+    // The real path, so that `ps` shows `roost-agent interpreter`.
+    let agent = std::env::current_exe()?;
+    let child = Command::new(agent)
         .arg("interpreter")
         .stdin(Stdio::null())
         .spawn()?;

@@ -50,6 +50,7 @@ pub const LISTENING_PREFIX: &str = "roost-agent interpreter: listening on ";
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(options: &InterpreterOptions) -> ExitCode {
     init_logging();
+    unblock_signals();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("interpreter")
@@ -68,6 +69,16 @@ pub fn run(options: &InterpreterOptions) -> ExitCode {
             eprintln!("roost-agent interpreter: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Started by init, this process inherits init's blocked signals (SIGINT, SIGTERM, SIGCHLD...;
+/// `std::process::Command` does not reset the mask), and so would the kernels: SIGINT would
+/// never interrupt a cell. Unblock everything before any thread or child exists.
+fn unblock_signals() {
+    use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
+        tracing::warn!("cannot unblock signals: {e}");
     }
 }
 

@@ -58,6 +58,16 @@ impl Interpreter {
     /// Starts on `127.0.0.1:port` (0: any free port) with `extra` flags, and waits until it
     /// listens.
     pub fn start(port: u16, extra: &[&str]) -> Self {
+        Self::start_with(port, extra, false)
+    }
+
+    /// Like [`Interpreter::start`], with init's signals blocked in the new process, as when
+    /// PID 1 starts it in the guest.
+    pub fn start_as_init_would(port: u16, extra: &[&str]) -> Self {
+        Self::start_with(port, extra, true)
+    }
+
+    fn start_with(port: u16, extra: &[&str], block_signals: bool) -> Self {
         let python = sdk_python();
         let dir = tempfile::tempdir().expect("temp dir");
         let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
@@ -65,7 +75,30 @@ impl Interpreter {
             .expect("current user")
             .name;
         let path = |name: &str| dir.path().join(name).display().to_string();
-        let mut child = Command::new(AGENT)
+        let mut command = Command::new(AGENT);
+        if block_signals {
+            use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs between fork and exec and only calls sigprocmask, which
+            // is async-signal-safe; it allocates nothing and touches no lock.
+            unsafe {
+                command.pre_exec(|| {
+                    let mut mask = SigSet::empty();
+                    for signal in [
+                        Signal::SIGINT,
+                        Signal::SIGTERM,
+                        Signal::SIGCHLD,
+                        Signal::SIGHUP,
+                        Signal::SIGPWR,
+                    ] {
+                        mask.add(signal);
+                    }
+                    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = command
             .arg("interpreter")
             .args(["--listen", "127.0.0.1", "--port", &port.to_string()])
             .arg("--python")
