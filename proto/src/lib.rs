@@ -5,6 +5,7 @@
 //! control channel, tunnel headers and framing join it as those parts are built.
 
 pub mod agent;
+pub mod control;
 pub mod ids;
 
 pub use ids::{IdError, SandboxId};
