@@ -7,6 +7,7 @@
 //! - 2: command-line usage error
 //! - 3: the guest kernel panicked (the panic line is printed)
 //! - 4: the VM failed while running (KVM internal error, unexpected VM exit, device failure)
+//! - 5: the VM was stopped by SIGTERM, SIGINT or SIGHUP (its threads joined, files removed)
 
 use std::path::PathBuf;
 
@@ -22,6 +23,8 @@ pub const EXIT_SHUTDOWN: i32 = 0;
 pub const EXIT_GUEST_PANIC: i32 = 3;
 /// Exit code: the VM failed while running.
 pub const EXIT_VM_FAILED: i32 = 4;
+/// Exit code: the VM was stopped by a signal.
+pub const EXIT_STOPPED: i32 = 5;
 
 /// Index names of the default kernel and root filesystem.
 const DEFAULT_KERNEL: &str = "kernel";
@@ -30,7 +33,7 @@ const DEFAULT_ROOTFS: &str = "rootfs-base";
 /// Run a microVM in the foreground (this process is its VMM).
 ///
 /// Exit status: 0 the guest shut down, 1 the VM could not start, 2 usage error, 3 the guest
-/// kernel panicked, 4 the VM failed while running.
+/// kernel panicked, 4 the VM failed while running, 5 stopped by SIGTERM/SIGINT/SIGHUP.
 #[derive(clap::Args, Debug)]
 pub struct VmRunArgs {
     /// Uncompressed ELF guest kernel [default: `kernel` from the artefact index].
@@ -161,7 +164,8 @@ fn kvm_verdict(check: &Check) -> anyhow::Result<()> {
 /// The exit code for how the guest ended.
 pub fn exit_code(exit: &VmExit) -> i32 {
     match exit {
-        VmExit::Shutdown(_) | VmExit::Stopped => EXIT_SHUTDOWN,
+        VmExit::Shutdown(_) => EXIT_SHUTDOWN,
+        VmExit::Stopped => EXIT_STOPPED,
         VmExit::Panic { .. } => EXIT_GUEST_PANIC,
         VmExit::Error { .. } => EXIT_VM_FAILED,
     }
@@ -172,6 +176,8 @@ pub fn run(args: VmRunArgs) -> anyhow::Result<i32> {
     require_usable_kvm()?;
     let vm = roost_vmm::build(&config).context("cannot build the VM")?;
     tracing::info!(cmdline = vm.cmdline(), "booting");
+    vm.stop_on_signals()
+        .context("cannot install the stop-signal handler")?;
     let exit = vm
         .start(roost_vmm::Privileges::Drop)
         .context("cannot start the VM")?
@@ -190,6 +196,7 @@ mod tests {
         assert_eq!(exit_code(&VmExit::Shutdown(ShutdownReason::TripleFault)), 0);
         assert_eq!(exit_code(&VmExit::Panic { line: "x".into() }), 3);
         assert_eq!(exit_code(&VmExit::Error { detail: "x".into() }), 4);
+        assert_eq!(exit_code(&VmExit::Stopped), 5);
     }
 
     #[test]

@@ -47,7 +47,7 @@ enum HostvmCommand {
 #[derive(Subcommand, Debug)]
 enum VmCommand {
     /// Boot a microVM in the foreground; this process is its VMM. Exit status: 0 shut down,
-    /// 1 could not start, 3 guest kernel panic, 4 VM failure.
+    /// 1 could not start, 3 guest kernel panic, 4 VM failure, 5 stopped by a signal.
     Run(cmd_vm::VmRunArgs),
 }
 

@@ -2,7 +2,7 @@
 //! boot runs several microVM checks, since each host VM costs tens of seconds:
 //! boot to roost-agent's ready line and a clean shutdown (2 vCPUs, vsock, read-only root);
 //! the VMM's privileges while the guest runs (no capabilities, no_new_privs, seccomp on the
-//! vCPU and device threads); a guest kernel panic reported as exit 3; a non-ELF kernel refused;
+//! vCPU and device threads) and a clean stop on SIGTERM; a guest kernel panic reported as exit 3; a non-ELF kernel refused;
 //! four VMs at once.
 //!
 //! Needs qemu-system-x86 and the `kernel` and `rootfs-base` artefacts (`roost images build`);
@@ -27,7 +27,7 @@ result boot-ready "$(grep -c '^roost-agent: ready' /tmp/boot.log)"
 if [ -e /tmp/boot.sock ]; then result boot-socket-left 1; else result boot-socket-left 0; fi
 
 # 2. Privileges of a running VMM.
-roost vm run --rootfs-ro --serial-log /tmp/priv.log 2>/tmp/priv.err &
+roost vm run --rootfs-ro --serial-log /tmp/priv.log --vsock-uds /tmp/priv.sock 2>/tmp/priv.err &
 P=$!
 i=0
 until grep -q '^roost-agent: ready' /tmp/priv.log 2>/dev/null; do
@@ -44,6 +44,7 @@ for t in /proc/$P/task/*; do
 done
 kill $P; wait $P
 result priv-killed $?
+if [ -e /tmp/priv.sock ]; then result priv-socket-left 1; else result priv-socket-left 0; fi
 
 # 3. A guest kernel panic.
 $T roost vm run --rootfs-ro --serial-log /tmp/panic.log \
@@ -140,7 +141,16 @@ fn vm_run_in_host_vm_boots_panics_and_runs_four_at_once() {
             "{name} not under a seccomp filter: {line}"
         );
     }
-    assert_eq!(get("priv-killed"), "143", "SIGTERM ends the VMM; {all}");
+    assert_eq!(
+        get("priv-killed"),
+        "5",
+        "SIGTERM stops the VM cleanly; {all}"
+    );
+    assert_eq!(
+        get("priv-socket-left"),
+        "0",
+        "and removes its vsock socket; {all}"
+    );
 
     assert_eq!(get("panic"), "3", "a guest panic is exit status 3; {all}");
     assert!(

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod memory;
 pub mod privileges;
 pub mod seccomp;
+pub mod signals;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

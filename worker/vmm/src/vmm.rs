@@ -298,6 +298,12 @@ impl BuiltVm {
         &self.cmdline
     }
 
+    /// Makes SIGTERM, SIGINT and SIGHUP stop the VM cleanly (see [`crate::signals`]); call
+    /// before [`BuiltVm::start`], on the thread that starts it.
+    pub fn stop_on_signals(&self) -> std::io::Result<()> {
+        crate::signals::stop_on_signals(self.exits.clone())
+    }
+
     /// Drops privileges (if asked) and starts the device and vCPU threads.
     pub fn start(self, privileges: Privileges) -> Result<RunningVm, VmmError> {
         vcpu::install_kick_handler()?;
