@@ -7,6 +7,7 @@
 //! Access: the access token, or a signed URL ([`super::signature`]) for that path, operation
 //! and user.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,10 +19,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use super::auth;
 use super::connect::{Code, ConnectError};
+use super::filesystem::metadata;
 use super::fsuser::run_as;
 use super::paths;
 use super::signature::{self, Operation};
@@ -43,6 +44,9 @@ pub struct WriteInfo {
     name: String,
     r#type: &'static str,
     path: String,
+    /// The file's metadata as stored (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<HashMap<String, String>>,
 }
 
 /// A plain-HTTP error: `{"code": <status>, "message"}`.
@@ -177,6 +181,8 @@ pub async fn upload(
     request: Request,
 ) -> Result<Json<Vec<WriteInfo>>, HttpError> {
     let account = authorize(&envd, request.headers(), &query, Operation::Write)?;
+    let metadata = metadata::from_headers(request.headers())
+        .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, format!("invalid metadata: {e}")))?;
     let media_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -198,21 +204,36 @@ pub async fn upload(
                 if field.name() != Some("file") {
                     continue;
                 }
-                let target = field
-                    .file_name()
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_owned)
-                    .or_else(|| query.path.clone())
+                // As envd: `?path=` wins, else the part's filename is the path.
+                let target = query
+                    .path
+                    .clone()
+                    .filter(|p| !p.is_empty())
+                    .or_else(|| {
+                        field
+                            .file_name()
+                            .filter(|n| !n.is_empty())
+                            .map(str::to_owned)
+                    })
                     .ok_or_else(|| {
                         HttpError::new(
                             StatusCode::BAD_REQUEST,
-                            "a `file` part needs a filename (the path) or `?path=`",
+                            "a `file` part needs `?path=` or a filename (the path)",
                         )
                     })?;
                 let path = resolve(&envd, &account, &target)?;
                 let chunks =
                     field.map(|chunk| chunk.map_err(|e| std::io::Error::other(e.body_text())));
-                written.push(write_stream(&account, &path, chunks).await?);
+                if written
+                    .iter()
+                    .any(|w: &WriteInfo| Path::new(&w.path) == path)
+                {
+                    return Err(HttpError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("two parts of one upload name {}", path.display()),
+                    ));
+                }
+                written.push(write_stream(&account, &path, chunks, &metadata).await?);
             }
             if written.is_empty() {
                 return Err(HttpError::new(
@@ -238,7 +259,9 @@ pub async fn upload(
                 .into_body()
                 .into_data_stream()
                 .map(|chunk| chunk.map_err(std::io::Error::other));
-            Ok(Json(vec![write_stream(&account, &path, chunks).await?]))
+            Ok(Json(vec![
+                write_stream(&account, &path, chunks, &metadata).await?,
+            ]))
         }
         other => Err(HttpError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -255,6 +278,7 @@ async fn write_stream(
     account: &Account,
     path: &Path,
     chunks: impl Stream<Item = std::io::Result<Bytes>>,
+    metadata: &HashMap<String, String>,
 ) -> Result<WriteInfo, HttpError> {
     let target = path.to_path_buf();
     let file = run_as(account, move || {
@@ -267,19 +291,57 @@ async fn write_stream(
             .map_err(|e| ConnectError::from_io(&target.display().to_string(), &e))
     })
     .await?;
-    let mut file = tokio::fs::File::from_std(file);
+    // One blocking thread writes the whole upload, fed through a short queue: cheaper than a
+    // blocking-pool hop per network chunk, and the queue bounds what is buffered.
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let (wanted, target) = (metadata.clone(), path.to_path_buf());
+    let writer = tokio::task::spawn_blocking(move || -> Result<_, ConnectError> {
+        use std::io::Write;
+        let mut file = file;
+        let failed = |e: std::io::Error| ConnectError::from_io(&target.display().to_string(), &e);
+        while let Some(chunk) = receiver.blocking_recv() {
+            file.write_all(&chunk).map_err(failed)?;
+        }
+        // Always rewritten, so an overwrite replaces the whole set (O_TRUNC keeps xattrs).
+        match metadata::replace(std::os::fd::AsFd::as_fd(&file), &wanted) {
+            Ok(()) => Ok(metadata::read(&target)),
+            Err(e) if metadata::unsupported(&e) => {
+                tracing::debug!("{}: no xattr support, metadata dropped", target.display());
+                Ok(HashMap::new())
+            }
+            Err(e) => Err(ConnectError::from_io(
+                &format!("storing metadata on {}", target.display()),
+                &e,
+            )),
+        }
+    });
     let mut chunks = std::pin::pin!(chunks);
+    let mut upload_error = None;
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|e| {
-            HttpError::new(StatusCode::BAD_REQUEST, format!("reading the upload: {e}"))
-        })?;
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| HttpError::from(ConnectError::from_io(&path.display().to_string(), &e)))?;
+        match chunk {
+            // A send error means the writer stopped on an error: it reports it below.
+            Ok(chunk) => {
+                if sender.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                upload_error = Some(HttpError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the upload: {e}"),
+                ));
+                break;
+            }
+        }
     }
-    file.flush()
+    drop(sender);
+    let stored = writer
         .await
-        .map_err(|e| HttpError::from(ConnectError::from_io(&path.display().to_string(), &e)))?;
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(error) = upload_error {
+        return Err(error);
+    }
+    let stored = stored?;
     Ok(WriteInfo {
         name: path
             .file_name()
@@ -287,5 +349,6 @@ async fn write_stream(
             .unwrap_or_default(),
         r#type: "file",
         path: path.to_string_lossy().into_owned(),
+        metadata: (!stored.is_empty()).then_some(stored),
     })
 }

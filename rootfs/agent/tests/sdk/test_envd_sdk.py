@@ -148,6 +148,19 @@ def test_write_files_and_octet_stream_upload(sandbox, workdir):
     assert sandbox.files.read(f"{workdir}/octet.txt") == "octets"
 
 
+def test_file_metadata_round_trip(sandbox, workdir):
+    info = sandbox.files.write(f"{workdir}/meta.txt", "m", metadata={"Owner": "alice", "stage": "raw"})
+    assert info.metadata == {"owner": "alice", "stage": "raw"}
+    assert sandbox.files.get_info(f"{workdir}/meta.txt").metadata == {"owner": "alice", "stage": "raw"}
+    listed = {e.name: e.metadata for e in sandbox.files.list(workdir)}
+    assert listed["meta.txt"] == {"owner": "alice", "stage": "raw"}
+    # An overwrite replaces the whole set.
+    sandbox.files.write(f"{workdir}/meta.txt", "m2", metadata={"stage": "clean"})
+    assert sandbox.files.get_info(f"{workdir}/meta.txt").metadata == {"stage": "clean"}
+    sandbox.files.write(f"{workdir}/meta.txt", "m3")
+    assert not sandbox.files.get_info(f"{workdir}/meta.txt").metadata
+
+
 def test_sandbox_reports_running(sandbox):
     assert sandbox.is_running()
 

@@ -57,7 +57,7 @@ pub fn from_metadata(path: &Path, metadata: &Metadata) -> EntryInfo {
             nanos: i32::try_from(metadata.mtime_nsec()).unwrap_or(0),
         }),
         symlink_target,
-        metadata: Default::default(),
+        metadata: super::metadata::read(path),
         is_symlink,
     }
 }

@@ -2,6 +2,7 @@
 //! and watch directories (streamed or polled).
 
 pub mod entry;
+pub mod metadata;
 mod service;
 pub mod watch;
 
