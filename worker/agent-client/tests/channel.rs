@@ -187,7 +187,7 @@ async fn kill_signal_and_dropped_connections_end_the_whole_process_group() {
         exec.next_event().await.unwrap(),
         Some(ExecEvent::Stdout("started\n".into()))
     );
-    assert_eq!(group_members(pid).len(), 2, "shell and sleep");
+    assert!(group_members(pid).len() >= 2, "shell and sleep");
     exec.kill().await.unwrap();
     let output = exec.output().await.unwrap();
     assert_eq!(output.status.signal, Some(9));
@@ -222,7 +222,19 @@ async fn kill_signal_and_dropped_connections_end_the_whole_process_group() {
         .await
         .unwrap();
     let pid = exec.pid();
-    assert!(wait_until(Duration::from_secs(5), || group_members(pid).len() == 2).await);
+    let sleeps = |pgid| {
+        group_members(pgid)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c == "sleep\n")
+            })
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || sleeps(pid) == 2).await,
+        "expected the shell's two sleeps in group {pid}: {:?}",
+        group_members(pid)
+    );
     drop(exec);
     assert!(
         wait_until(Duration::from_secs(5), || group_members(pid).is_empty()).await,

@@ -47,8 +47,13 @@ pub async fn serve(io: Box<dyn Io>) {
         Operation::ReadFile(read) => files::read(read, &mut conn).await,
         Operation::WriteFile(write) => files::write(write, &mut conn).await,
     };
-    if let Err(reply) = result {
-        fail(conn, reply).await;
+    match result {
+        // Flush and shut the write side down, so the client reads everything before the end
+        // (closing outright could reset the stream and drop what is still in flight).
+        Ok(()) => {
+            let _ = SinkExt::<Frame<AgentMessage>>::close(&mut conn).await;
+        }
+        Err(reply) => fail(conn, reply).await,
     }
 }
 
@@ -69,6 +74,7 @@ fn check_version(request: Request) -> Result<Operation, ErrorReply> {
 
 /// Sends `reply` as the connection's last frame and closes it.
 pub async fn fail(mut conn: Conn, reply: ErrorReply) {
+    tracing::debug!(kind = ?reply.kind, "operation failed: {}", reply.message);
     // The client may be gone already; nothing else to do then.
     if conn
         .send(Frame::Message(AgentMessage::Error(reply)))

@@ -33,7 +33,8 @@ use tokio::sync::mpsc;
 
 use super::connection::{Conn, frame_error, send};
 
-/// `PATH` for a process started with a cleared environment.
+/// `PATH` for a process started with a cleared environment, or when the agent has none (as
+/// PID 1).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long output is still collected after the process exits, for background processes that
 /// inherited its stdout or stderr.
@@ -190,6 +191,9 @@ fn build_command(request: &ExecRequest) -> Result<Command, ErrorReply> {
     };
     if request.clear_env {
         command.env_clear().env("PATH", DEFAULT_PATH);
+    } else if std::env::var_os("PATH").is_none() {
+        // PID 1 gets no PATH from the kernel; give processes the usual one.
+        command.env("PATH", DEFAULT_PATH);
     }
     let mut home = None;
     if let Some(user) = request.user {
@@ -380,11 +384,7 @@ mod tests {
         );
         assert!(envs.contains_key(std::ffi::OsStr::new("PATH")));
         let home = User::from_uid(Uid::from_raw(0)).unwrap().unwrap().dir;
-        let expected = if home.is_dir() {
-            home
-        } else {
-            "/".into()
-        };
+        let expected = if home.is_dir() { home } else { "/".into() };
         assert_eq!(command.get_current_dir(), Some(expected.as_path()));
     }
 }
