@@ -156,3 +156,29 @@ def test_contexts_create_list_restart_delete(sandbox):
 def test_language_python_uses_the_default_context(sandbox):
     sandbox.run_code("roost_default = 7")
     assert sandbox.run_code("roost_default", language="python").text == "7"
+
+
+def test_the_async_sdk_works_too():
+    import asyncio
+
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def main():
+        sandbox = await AsyncSandbox.create()
+        seen = []
+
+        async def on_stdout(message):
+            seen.append(message.line)
+
+        execution = await sandbox.run_code(
+            "print('async hello')\n6 * 7", on_stdout=on_stdout
+        )
+        context = await sandbox.create_code_context()
+        listed = [c.id for c in await sandbox.list_code_contexts()]
+        await sandbox.remove_code_context(context)
+        return execution, seen, context, listed
+
+    execution, seen, context, listed = asyncio.run(main())
+    assert execution.text == "42"
+    assert seen == ["async hello\n"]
+    assert context.id in listed
