@@ -37,6 +37,10 @@ pub struct AgentReport {
     pub run_true_agent_ms: f64,
     pub run_true_direct_ms: f64,
     pub run_true_ratio: f64,
+    /// The same without the login shell (`/bin/true` itself): the agent's own overhead.
+    pub exec_true_agent_ms: f64,
+    pub exec_true_direct_ms: f64,
+    pub exec_true_ratio: f64,
     pub file_mib: f64,
     pub write_agent_ms: f64,
     pub read_agent_ms: f64,
@@ -88,13 +92,18 @@ impl AgentBench {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
 
         let (mut via_agent, mut direct) = (Vec::new(), Vec::new());
+        let (mut exec_agent, mut exec_direct) = (Vec::new(), Vec::new());
         for run in 0..self.runs + 1 {
-            let a = run_true_via_agent(agent.addr)?;
-            let d = run_true_directly()?;
+            let a = start_via_agent(agent.addr, LOGIN_TRUE)?;
+            let d = run_directly(LOGIN_TRUE)?;
+            let ea = start_via_agent(agent.addr, PLAIN_TRUE)?;
+            let ed = run_directly(PLAIN_TRUE)?;
             if run > 0 {
                 // The first round warms caches (bash, the agent's first connection).
                 via_agent.push(ms(a));
                 direct.push(ms(d));
+                exec_agent.push(ms(ea));
+                exec_direct.push(ms(ed));
             }
         }
 
@@ -113,6 +122,7 @@ impl AgentBench {
 
         let median = |v: &[f64]| crate::stats::median(v).context("no samples");
         let (run_agent, run_direct) = (median(&via_agent)?, median(&direct)?);
+        let (exec_agent, exec_direct) = (median(&exec_agent)?, median(&exec_direct)?);
         let (write, read, cp) = (median(&writes)?, median(&reads)?, median(&copies)?);
         let mib = self.file_bytes as f64 / (1024.0 * 1024.0);
         let rate = |ms: f64| mib / (ms / 1000.0);
@@ -120,6 +130,9 @@ impl AgentBench {
             run_true_agent_ms: run_agent,
             run_true_direct_ms: run_direct,
             run_true_ratio: run_agent / run_direct,
+            exec_true_agent_ms: exec_agent,
+            exec_true_direct_ms: exec_direct,
+            exec_true_ratio: exec_agent / exec_direct,
             file_mib: mib,
             write_agent_ms: write,
             read_agent_ms: read,
@@ -206,9 +219,14 @@ fn request(
     }
 }
 
-fn run_true_via_agent(addr: SocketAddr) -> anyhow::Result<Duration> {
-    let message =
-        envelope(br#"{"process":{"cmd":"/bin/bash","args":["-l","-c","true"]},"stdin":false}"#);
+/// What the SDK's `commands.run("true")` starts.
+const LOGIN_TRUE: (&str, &[&str]) = ("/bin/bash", &["-l", "-c", "true"]);
+/// No shell at all.
+const PLAIN_TRUE: (&str, &[&str]) = ("/bin/true", &[]);
+
+fn start_via_agent(addr: SocketAddr, (cmd, args): (&str, &[&str])) -> anyhow::Result<Duration> {
+    let start = serde_json::json!({"process": {"cmd": cmd, "args": args}, "stdin": false});
+    let message = envelope(start.to_string().as_bytes());
     let started = Instant::now();
     let mut reply = request(
         addr,
@@ -222,18 +240,17 @@ fn run_true_via_agent(addr: SocketAddr) -> anyhow::Result<Duration> {
     let text = String::from_utf8_lossy(&body);
     ensure!(
         text.contains(r#""status":"exit status 0""#),
-        "`true` did not end with status 0: {text}"
+        "`{cmd}` did not end with status 0: {text}"
     );
     Ok(elapsed)
 }
 
-fn run_true_directly() -> anyhow::Result<Duration> {
+fn run_directly((cmd, args): (&str, &[&str])) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let status = Command::new("/bin/bash")
-        .args(["-l", "-c", "true"])
-        .status()?;
+    // Like the agent: no stdin, output captured.
+    let output = Command::new(cmd).args(args).stdin(Stdio::null()).output()?;
     let elapsed = started.elapsed();
-    ensure!(status.success(), "bash -lc true: {status}");
+    ensure!(output.status.success(), "{cmd}: {}", output.status);
     Ok(elapsed)
 }
 

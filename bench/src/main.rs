@@ -300,6 +300,10 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             report.run_true_agent_ms, report.run_true_direct_ms, report.run_true_ratio
         );
         println!(
+            "/bin/true: agent {:.2} ms vs direct {:.2} ms (x{:.2})",
+            report.exec_true_agent_ms, report.exec_true_direct_ms, report.exec_true_ratio
+        );
+        println!(
             "{:.0} MiB write: agent {:.0} MiB/s, read: agent {:.0} MiB/s, cp {:.0} MiB/s \
              (x{:.2} / x{:.2} the time of cp)",
             report.file_mib,
