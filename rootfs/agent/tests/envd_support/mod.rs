@@ -20,8 +20,11 @@ pub fn ensure_user() -> (u32, u32) {
         nix::unistd::geteuid().is_root(),
         "the envd tests run as root: they switch to the `user` account and create it if missing"
     );
-    if nix::unistd::User::from_name(USER).unwrap().is_none() {
-        let status = Command::new("useradd")
+    // Test binaries run in parallel and useradd fails while another holds /etc/passwd's
+    // lock: retry until the account exists.
+    let mut attempts = 0;
+    while nix::unistd::User::from_name(USER).unwrap().is_none() {
+        let output = Command::new("useradd")
             .args([
                 "--create-home",
                 "--home-dir",
@@ -30,13 +33,17 @@ pub fn ensure_user() -> (u32, u32) {
                 "/bin/bash",
                 USER,
             ])
-            .status()
+            .output()
             .expect("run useradd");
-        // Another test binary may have created it meanwhile.
+        attempts += 1;
         assert!(
-            status.success() || nix::unistd::User::from_name(USER).unwrap().is_some(),
-            "useradd user failed: {status}"
+            output.status.success() || attempts < 50,
+            "useradd user failed: {}",
+            String::from_utf8_lossy(&output.stderr)
         );
+        if !output.status.success() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let user = nix::unistd::User::from_name(USER)
         .unwrap()
