@@ -349,6 +349,13 @@ impl MmioTransport {
             interrupt: self.interrupt.clone(),
         };
         let result = lock(&self.device).activate(activation);
+        if result.is_ok() {
+            tracing::debug!(
+                device_type = lock(&self.device).device_type(),
+                queues = self.queues.len(),
+                "virtio device activated"
+            );
+        }
         if let Err(err) = result {
             tracing::error!(%err, "virtio-mmio: device activation failed");
             self.needs_reset();

@@ -48,6 +48,19 @@ macro_rules! guest_warn {
 }
 pub(crate) use guest_warn;
 
+/// `tracing::debug!` for per-packet or per-connection events a guest can trigger at will,
+/// limited per call site like [`guest_warn!`].
+macro_rules! guest_debug {
+    ($($arg:tt)*) => {{
+        static LIMITER: $crate::devices::virtio::ratelimit::LogLimiter =
+            $crate::devices::virtio::ratelimit::LogLimiter::new();
+        if tracing::enabled!(tracing::Level::DEBUG) && LIMITER.allow() {
+            tracing::debug!($($arg)*);
+        }
+    }};
+}
+pub(crate) use guest_debug;
+
 #[cfg(test)]
 mod tests {
     use super::*;

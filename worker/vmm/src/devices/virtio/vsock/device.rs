@@ -13,7 +13,7 @@ use crate::devices::virtio::FEATURE_VERSION_1;
 use crate::devices::virtio::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::devices::virtio::interrupt::InterruptKind;
 use crate::devices::virtio::lifecycle::DeviceLifecycle;
-use crate::devices::virtio::ratelimit::guest_warn;
+use crate::devices::virtio::ratelimit::{guest_debug, guest_warn};
 
 /// Queue indices.
 pub(super) const RXQ: usize = 0;
@@ -91,9 +91,17 @@ impl Vsock {
         while let Some(mut chain) = txq.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => self
-                    .muxer
-                    .on_guest_packet(&Header::from_packet(&pkt), pkt.data_slice()),
+                Ok(pkt) => {
+                    let hdr = Header::from_packet(&pkt);
+                    guest_debug!(
+                        op = hdr.op,
+                        src_port = hdr.src_port,
+                        dst_port = hdr.dst_port,
+                        len = hdr.len,
+                        "vsock: packet from the guest"
+                    );
+                    self.muxer.on_guest_packet(&hdr, pkt.data_slice());
+                }
                 Err(err) => guest_warn!(%err, "vsock: malformed tx packet dropped"),
             }
             if let Err(err) = txq.add_used(&*mem, head, 0) {
@@ -131,6 +139,13 @@ impl Vsock {
             let used_len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => match self.muxer.fill_rx(pkt.data_slice()) {
                     Some((hdr, len)) => {
+                        guest_debug!(
+                            op = hdr.op,
+                            src_port = hdr.src_port,
+                            dst_port = hdr.dst_port,
+                            len,
+                            "vsock: packet to the guest"
+                        );
                         hdr.write_to(&mut pkt);
                         PKT_HEADER_SIZE + len
                     }
