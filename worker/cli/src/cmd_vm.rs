@@ -39,7 +39,8 @@ pub struct VmRunArgs {
     /// Uncompressed ELF guest kernel [default: `kernel` from the artefact index].
     #[arg(long, value_name = "VMLINUX")]
     pub kernel: Option<PathBuf>,
-    /// Root filesystem image, attached as /dev/vda [default: `rootfs-base` from the index].
+    /// Root filesystem image, attached as /dev/vda [default: `rootfs-base` from the index,
+    /// always read-only].
     #[arg(long, value_name = "IMAGE")]
     pub rootfs: Option<PathBuf>,
     /// Attach the root filesystem read-only.
@@ -103,14 +104,16 @@ fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
         Some(path) => path.clone(),
         None => index_path(DEFAULT_KERNEL)?,
     };
-    let rootfs = match &args.rootfs {
-        Some(path) => path.clone(),
-        None => index_path(DEFAULT_ROOTFS)?,
+    // The index's image is the shared cached copy every VM boots from: never attach it
+    // writable.
+    let (rootfs, read_only) = match &args.rootfs {
+        Some(path) => (path.clone(), args.rootfs_ro),
+        None => (index_path(DEFAULT_ROOTFS)?, true),
     };
     let mut cmdline = args
         .cmdline
         .clone()
-        .unwrap_or_else(|| default_cmdline(args.rootfs_ro));
+        .unwrap_or_else(|| default_cmdline(read_only));
     if let Some(extra) = &args.append {
         cmdline.push(' ');
         cmdline.push_str(extra);
@@ -120,7 +123,7 @@ fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
     config.mem_mib = args.mem;
     config.rootfs = Some(DriveConfig {
         path: rootfs,
-        read_only: args.rootfs_ro,
+        read_only,
     });
     config.vsock = args.vsock_uds.as_ref().map(|path| VsockDeviceConfig {
         guest_cid: args.vsock_cid,

@@ -121,3 +121,28 @@ fn a_usage_error_is_status_2() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--cpus"), "{stderr}");
 }
+
+/// On a machine whose /dev/kvm cannot run guests (this one: PVM), a valid configuration is
+/// refused with the reason and the host-VM hint; where KVM works, the fake kernel is refused
+/// instead. Either way: status 1 and a reason, never a hang.
+#[test]
+fn a_vm_that_cannot_run_here_says_why() {
+    let f = files();
+    let (code, stderr) = vm_run(&["--kernel", &f.kernel, "--rootfs", &f.rootfs]);
+    assert_eq!(code, 1, "{stderr}");
+    if Path::new("/sys/module/kvm_pvm").is_dir() {
+        assert!(stderr.contains("kvm_pvm"), "{stderr}");
+        assert!(
+            stderr.contains("roost hostvm run -- roost vm run"),
+            "{stderr}"
+        );
+    } else if Path::new("/dev/kvm").exists() {
+        assert!(
+            stderr.contains("uncompressed ELF") || stderr.contains("KVM"),
+            "{stderr}"
+        );
+    } else {
+        assert!(stderr.contains("no /dev/kvm"), "{stderr}");
+        assert!(stderr.contains("roost hostvm run"), "{stderr}");
+    }
+}

@@ -141,6 +141,7 @@ impl std::fmt::Debug for BuiltVm {
 
 /// Builds a VM; nothing runs yet.
 pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
+    let started = Instant::now();
     config.validate()?;
     let vm = Vm::new()?;
     let memory = memory::create_anonymous(config.mem_bytes())?;
@@ -236,7 +237,9 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         path: config.kernel.clone(),
         source,
     })?;
+    let before_kernel = started.elapsed();
     let entry = boot::load_kernel(&memory, &mut kernel)?;
+    let before_vcpus = started.elapsed();
     let msr_indices = vm
         .kvm()
         .get_msr_index_list()
@@ -246,6 +249,12 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
     let vcpus = (0..config.vcpus)
         .map(|index| Vcpu::new(vm.fd(), vm.supported_cpuid(), index, config.vcpus, entry))
         .collect::<Result<Vec<_>, _>>()?;
+    tracing::debug!(
+        vm_and_devices = ?before_kernel,
+        kernel_loaded = ?before_vcpus,
+        total = ?started.elapsed(),
+        "VM built"
+    );
     Ok(BuiltVm {
         vm,
         memory,
