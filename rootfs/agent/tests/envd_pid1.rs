@@ -104,6 +104,16 @@ fn envd_pid1_exit_statuses_reach_their_streams() {
     let end = run(agent.addr, "(sleep 0.3 >/dev/null 2>&1 &); exit 3");
     assert_eq!(end["exitCode"], 3);
 
+    // Init blocks signals for its signalfd; processes must not inherit that mask.
+    let end = run(
+        agent.addr,
+        "grep -q '^SigBlk:[[:space:]]*0*$' /proc/self/status",
+    );
+    assert_eq!(
+        end["status"], "exit status 0",
+        "started with blocked signals"
+    );
+
     // Killed by a signal.
     let end = run(agent.addr, "kill -9 $$");
     assert_eq!(end["status"], "signal: killed");
