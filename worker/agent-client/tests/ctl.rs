@@ -90,7 +90,7 @@ async fn exec_files_and_hello_from_the_command_line() {
 fn wait_ready_prints_the_hello_of_an_agent_that_starts_later() {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("ready.sock");
-    let mut waiter = Command::new(CTL)
+    let waiter = Command::new(CTL)
         .args(["wait-ready", "--timeout", "30", "--listen"])
         .arg(&ready)
         .stdout(Stdio::piped())
