@@ -27,6 +27,8 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// The MP floating pointer and configuration table (searched by the kernel in the EBDA).
 pub const MPTABLE_START: u64 = EBDA_START;
+/// End of base memory (640 KiB): the MP table must end below it.
+pub const BASE_MEMORY_END: u64 = 0xa0000;
 /// Where the kernel is loaded ("high memory").
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap (no RAM between here and 4 GiB).

@@ -2,7 +2,7 @@
 //! dispatch port-I/O and MMIO exits to the buses, and report how the VM ends.
 //!
 //! Stopping and pausing: a vCPU sits inside `KVM_RUN` even while the guest is halted (the
-//! in-kernel irqchip handles HLT), so the VM kicks vCPU threads with [`KICK_SIGNAL`], whose
+//! in-kernel irqchip handles HLT), so the VM kicks vCPU threads with [`kick_signal`] (SIGRTMIN), whose
 //! handler does nothing and is installed without `SA_RESTART`: `KVM_RUN` returns `EINTR`, the
 //! thread consults [`RunControl`], and parks (pause) or leaves (stop).
 
@@ -49,9 +49,6 @@ pub enum VcpuError {
 pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
-
-/// Same as [`kick_signal`], for docs.
-pub const KICK_SIGNAL: &str = "SIGRTMIN+0";
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 

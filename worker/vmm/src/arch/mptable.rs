@@ -7,7 +7,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::layout::{APIC_START, IOAPIC_START, LAST_GSI};
+use crate::layout::{APIC_START, BASE_MEMORY_END, IOAPIC_START, LAST_GSI};
 
 const MPF_SIGNATURE: &[u8; 4] = b"_MP_";
 const MPC_SIGNATURE: &[u8; 4] = b"PCMP";
@@ -138,7 +138,7 @@ pub fn build(base: u64, cpus: u8) -> Result<Vec<u8>, MpTableError> {
 pub fn write(mem: &GuestMemoryMmap, base: u64, cpus: u8) -> Result<(), MpTableError> {
     let bytes = build(base, cpus)?;
     let end = base + u64::try_from(bytes.len()).map_err(|_| MpTableError::TooLarge)?;
-    if end > 0xa0000 {
+    if end > BASE_MEMORY_END {
         return Err(MpTableError::TooLarge);
     }
     mem.write_slice(&bytes, GuestAddress(base))
@@ -222,7 +222,7 @@ mod tests {
     #[test]
     fn sixteen_cpus_fit_in_the_ebda_and_zero_is_refused() {
         let len = build(MPTABLE_START, 16).unwrap().len() as u64;
-        assert!(MPTABLE_START + len <= 0xa0000);
+        assert!(MPTABLE_START + len <= BASE_MEMORY_END);
         assert!(matches!(
             build(MPTABLE_START, 0),
             Err(MpTableError::CpuCount(0))
