@@ -98,6 +98,8 @@ fn public_router(envd: Arc<state::Envd>) -> Router {
 /// Binds the listeners (so the port is open when this returns) and serves on a new thread
 /// with its own tokio runtime. For init, which keeps its main thread for itself.
 pub fn start_in_background(options: ServeOptions) -> anyhow::Result<()> {
+    // On the console: warnings only (request details must not flood it).
+    init_logging("warn");
     let listener = std::net::TcpListener::bind(options.listen)
         .with_context(|| format!("binding {}", options.listen))?;
     listener.set_nonblocking(true)?;
@@ -114,6 +116,7 @@ pub fn start_in_background(options: ServeOptions) -> anyhow::Result<()> {
 
 /// Serves until the process ends (`roost-agent serve`).
 pub fn run(options: ServeOptions) -> anyhow::Result<()> {
+    init_logging("info");
     let listener = std::net::TcpListener::bind(options.listen)
         .with_context(|| format!("binding {}", options.listen))?;
     listener.set_nonblocking(true)?;
@@ -155,6 +158,17 @@ async fn serve(options: ServeOptions, listener: std::net::TcpListener) -> anyhow
     axum::serve(listener, public_router(envd))
         .await
         .context("serving the envd API")
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` or else `default`. Another part of the agent may
+/// have installed a subscriber already; then that one stays.
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// A Unix socket only root can connect to.

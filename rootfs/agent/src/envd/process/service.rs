@@ -144,7 +144,7 @@ async fn start_process(
     let events = handle.subscribe();
     envd.processes.insert(handle.clone());
     lifecycle::supervise(envd.clone(), handle.clone(), outputs, spawned.exit);
-    tracing::info!(pid = handle.pid, user = %account.name, cmd = %handle.config.cmd, "started process");
+    tracing::debug!(pid = handle.pid, user = %account.name, cmd = %handle.config.cmd, "started process");
     Ok((handle, events))
 }
 
