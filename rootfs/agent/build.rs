@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?
         .extern_path(".google.protobuf", "::pbjson_types")
+        // As connect-go (envd) does: fields from a newer SDK are skipped, not refused.
+        .ignore_unknown_fields()
         .out_dir(&out_dir)
         .build(&[".process", ".filesystem"])?;
     Ok(())
