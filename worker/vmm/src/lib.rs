@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;

@@ -8,22 +8,18 @@
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::IoEventAddress;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
-use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::{ConsoleSink, I8042, SerialDevice};
-use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
-use crate::event_loop::{EventLoop, EventLoopError, RunningEventLoop, Subscriber};
-use crate::exit::{ExitCoordinator, ShutdownReason, VmExit};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::{EventLoopError, RunningEventLoop};
+use crate::exit::{ExitCoordinator, VmExit};
 use crate::layout;
 use crate::memory::{self, MemoryError};
 use crate::privileges::{self, PrivilegeError};
@@ -32,8 +28,6 @@ use crate::state::{MachineState, StateError, VmState};
 use crate::vcpu::{self, RunControl, RunState, Vcpu, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
 
-/// Offset of the virtio-mmio `QueueNotify` register (written with the queue index).
-const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 /// How long pausing (or saving) may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
@@ -56,35 +50,8 @@ pub enum VmmError {
     BootStructures(#[source] vm_memory::GuestMemoryError),
     #[error("could not set up a vCPU")]
     Vcpu(#[from] VcpuError),
-    #[error("could not create the serial log {path}")]
-    SerialLog {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("could not create an eventfd")]
-    EventFd(#[source] std::io::Error),
-    #[error("could not register an irqfd for GSI {gsi}")]
-    Irqfd {
-        gsi: u32,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error("could not register an ioeventfd at {addr:#x}")]
-    Ioeventfd {
-        addr: u64,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error("could not place a device on the bus")]
-    Bus(#[from] BusError),
-    #[error("too many virtio devices: GSIs run out after {0}")]
-    TooManyDevices(usize),
-    #[error("could not create the {0} device")]
-    Device(
-        &'static str,
-        #[source] Box<dyn std::error::Error + Send + Sync>,
-    ),
+    #[error("could not attach the devices")]
+    Devices(#[from] DeviceError),
     #[error("could not set up the device event loop")]
     EventLoop(#[from] EventLoopError),
     #[error("could not set up seccomp")]
@@ -95,35 +62,12 @@ pub enum VmmError {
     SpawnVcpu(u8, #[source] std::io::Error),
 }
 
-/// Places virtio devices in consecutive MMIO slots and GSIs, and names them on the command line.
-#[derive(Debug)]
-struct VirtioSlots {
-    next: usize,
-}
-
-impl VirtioSlots {
-    fn allocate(&mut self) -> Result<(u64, u32), VmmError> {
-        let index = self.next;
-        let gsi = u32::try_from(index)
-            .ok()
-            .and_then(|i| layout::FIRST_VIRTIO_GSI.checked_add(i))
-            .filter(|gsi| *gsi <= layout::LAST_GSI)
-            .ok_or(VmmError::TooManyDevices(index))?;
-        let base = layout::VIRTIO_MMIO_BASE
-            + u64::try_from(index).unwrap_or(u64::MAX) * layout::VIRTIO_MMIO_SLOT_SIZE;
-        self.next += 1;
-        Ok((base, gsi))
-    }
-}
-
 /// A VM that is fully set up and has not run yet.
 pub struct BuiltVm {
     vm: Vm,
     memory: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
-    pio: Bus,
-    mmio: Bus,
-    event_loop: EventLoop,
+    devices: DeviceManager,
     exits: Arc<ExitCoordinator>,
     config: VmConfig,
     cmdline: String,
@@ -148,82 +92,10 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
     vm.register_memory(&memory)?;
     let exits = Arc::new(ExitCoordinator::new());
 
-    let mut pio = Bus::new();
-    let serial = serial_device(&vm, config, exits.clone())?;
-    pio.insert(serial, layout::SERIAL_PORT_BASE, layout::SERIAL_PORT_LEN)?;
-    let reset_exits = exits.clone();
-    let i8042 = I8042::new(Box::new(move || {
-        reset_exits.request(VmExit::Shutdown(ShutdownReason::KeyboardReset));
-    }));
-    pio.insert(
-        Arc::new(Mutex::new(i8042)),
-        layout::I8042_PORT_BASE,
-        layout::I8042_PORT_LEN,
-    )?;
-
+    let mut devices = DeviceManager::new()?;
+    devices.attach_legacy(&vm, config, &exits)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
-    let mut mmio = Bus::new();
-    let mut event_loop = EventLoop::new()?;
-    let mut slots = VirtioSlots { next: 0 };
-    let mut attach = |name: &'static str,
-                      device: Arc<Mutex<dyn VirtioDevice>>,
-                      subscriber: Subscriber|
-     -> Result<(), VmmError> {
-        let (base, gsi) = slots.allocate()?;
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.fd()
-            .register_irqfd(&irq, gsi)
-            .map_err(|source| VmmError::Irqfd { gsi, source })?;
-        let interrupt = Arc::new(VirtioInterrupt::new(irq));
-        let transport = MmioTransport::new(memory.clone(), device, interrupt)
-            .map_err(|e| VmmError::Device(name, Box::new(e)))?;
-        let notify = base + VIRTIO_MMIO_QUEUE_NOTIFY;
-        for (queue, evt) in (0u32..).zip(transport.queue_events()) {
-            vm.fd()
-                .register_ioevent(evt, &IoEventAddress::Mmio(notify), queue)
-                .map_err(|source| VmmError::Ioeventfd {
-                    addr: notify,
-                    source,
-                })?;
-        }
-        mmio.insert(
-            Arc::new(Mutex::new(transport)),
-            base,
-            layout::VIRTIO_MMIO_SLOT_SIZE,
-        )?;
-        cmdline
-            .add_virtio_mmio_device(layout::VIRTIO_MMIO_SLOT_SIZE, GuestAddress(base), gsi, None)
-            .map_err(|e| VmmError::Boot(BootError::Cmdline(e)))?;
-        event_loop.add(subscriber);
-        tracing::debug!(
-            name,
-            base = format_args!("{base:#x}"),
-            gsi,
-            "virtio device attached"
-        );
-        Ok(())
-    };
-    if let Some(drive) = &config.rootfs {
-        let block = crate::devices::virtio::block(crate::devices::virtio::BlockConfig {
-            path: drive.path.clone(),
-            read_only: drive.read_only,
-        })
-        .map_err(|e| VmmError::Device("block", Box::new(e)))?;
-        attach("block", block.clone(), block)?;
-    }
-    if let Some(vsock) = &config.vsock {
-        let vsock = crate::devices::virtio::vsock(crate::devices::virtio::VsockConfig {
-            guest_cid: u64::from(vsock.guest_cid),
-            uds_path: vsock.uds_path.clone(),
-        })
-        .map_err(|e| VmmError::Device("vsock", Box::new(e)))?;
-        attach("vsock", vsock.clone(), vsock)?;
-    }
-    if config.rng {
-        let rng =
-            crate::devices::virtio::rng().map_err(|e| VmmError::Device("rng", Box::new(e)))?;
-        attach("rng", rng.clone(), rng)?;
-    }
+    devices.attach_virtio_devices(&vm, &memory, config, &mut cmdline)?;
 
     let cmdline_text = cmdline
         .as_cstring()
@@ -259,37 +131,12 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         vm,
         memory,
         vcpus,
-        pio,
-        mmio,
-        event_loop,
+        devices,
         exits,
         config: config.clone(),
         cmdline: cmdline_text,
         msr_indices,
     })
-}
-
-fn serial_device(
-    vm: &Vm,
-    config: &VmConfig,
-    exits: Arc<ExitCoordinator>,
-) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
-    let log = match &config.serial.log_path {
-        Some(path) => Some(File::create(path).map_err(|source| VmmError::SerialLog {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
-    };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    vm.fd()
-        .register_irqfd(&irq, layout::SERIAL_GSI)
-        .map_err(|source| VmmError::Irqfd {
-            gsi: layout::SERIAL_GSI,
-            source,
-        })?;
-    let sink = ConsoleSink::new(log, config.serial.to_stdout, exits);
-    Ok(Arc::new(Mutex::new(SerialDevice::new(irq, sink))))
 }
 
 /// Whether [`BuiltVm::start`] drops the process's privileges.
@@ -323,8 +170,8 @@ impl BuiltVm {
         }
         let control = Arc::new(RunControl::new(self.vcpus.len()));
         let shared = VcpuShared {
-            pio: Arc::new(self.pio),
-            mmio: Arc::new(self.mmio),
+            pio: Arc::new(self.devices.pio),
+            mmio: Arc::new(self.devices.mmio),
             exits: self.exits.clone(),
             control: control.clone(),
             msr_indices: Arc::new(self.msr_indices),
@@ -338,7 +185,11 @@ impl BuiltVm {
             _memory: self.memory,
             _vm: self.vm,
         };
-        running.event_loop = Some(self.event_loop.spawn(device_filter, self.exits.clone())?);
+        running.event_loop = Some(
+            self.devices
+                .event_loop
+                .spawn(device_filter, self.exits.clone())?,
+        );
         for vcpu in self.vcpus {
             let index = vcpu.index();
             let shared = shared.clone();
