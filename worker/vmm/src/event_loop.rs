@@ -10,7 +10,7 @@ use seccompiler::BpfProgram;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::exit::{ExitCoordinator, VmExit};
+use crate::exit::{ExitCoordinator, PanicGuard, VmExit};
 
 /// A device as the event loop sees it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -101,6 +101,7 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                let _guard = PanicGuard::new(exits.clone(), "devices");
                 if let Err(e) = crate::seccomp::install(seccomp.as_ref()) {
                     exits.request(VmExit::Error {
                         detail: format!("device thread: {e}"),

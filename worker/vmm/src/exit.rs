@@ -139,10 +139,58 @@ impl ExitCoordinator {
     }
 }
 
+/// Held by each VM thread: if the thread unwinds from a panic, the VM ends with an error
+/// instead of waiting forever for a report that will never come.
+#[derive(Debug)]
+pub struct PanicGuard {
+    exits: std::sync::Arc<ExitCoordinator>,
+    thread: String,
+}
+
+impl PanicGuard {
+    pub fn new(exits: std::sync::Arc<ExitCoordinator>, thread: impl Into<String>) -> Self {
+        Self {
+            exits,
+            thread: thread.into(),
+        }
+    }
+}
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.exits.request(VmExit::Error {
+                detail: format!("the {} thread panicked", self.thread),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_panicking_thread_ends_the_vm_with_an_error() {
+        let c = Arc::new(ExitCoordinator::new());
+        let guarded = c.clone();
+        let result = std::thread::spawn(move || {
+            let _guard = PanicGuard::new(guarded, "vcpu0");
+            panic!("bug");
+        })
+        .join();
+        assert!(result.is_err());
+        assert_eq!(
+            c.wait(),
+            VmExit::Error {
+                detail: "the vcpu0 thread panicked".into()
+            }
+        );
+        let quiet = Arc::new(ExitCoordinator::new());
+        drop(PanicGuard::new(quiet.clone(), "devices"));
+        assert!(!quiet.has_exit(), "a normal return reports nothing");
+    }
 
     #[test]
     fn the_first_exit_wins() {

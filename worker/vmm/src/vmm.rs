@@ -19,7 +19,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoopError, RunningEventLoop};
-use crate::exit::{ExitCoordinator, VmExit};
+use crate::exit::{ExitCoordinator, PanicGuard, VmExit};
 use crate::layout;
 use crate::memory::{self, MemoryError};
 use crate::privileges::{self, PrivilegeError};
@@ -197,6 +197,7 @@ impl BuiltVm {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    let _guard = PanicGuard::new(shared.exits.clone(), format!("vcpu{index}"));
                     if let Err(e) = seccomp::install(filter.as_ref()) {
                         shared.exits.request(VmExit::Error {
                             detail: format!("vCPU {index}: {e}"),
