@@ -19,7 +19,7 @@ use std::io::{self, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
 use vm_memory::bitmap::BitmapSlice;
@@ -32,6 +32,8 @@ use crate::devices::virtio::ratelimit::guest_warn;
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
 /// Forwarded bytes not yet reported to the guest that trigger an unsolicited CREDIT_UPDATE.
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_SIZE / 4;
+/// How long a connection the guest closed may take to hand its last data to the host stream.
+const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest payload we put in one rx packet.
 const MAX_RX_PAYLOAD: usize = 64 * 1024;
 
@@ -56,7 +58,8 @@ pub struct Connection {
     pending: VecDeque<u16>,
     /// RST sent or received: the muxer frees the connection.
     closed: bool,
-    /// Host-initiated connections must be answered before this instant.
+    /// Host-initiated connections must be answered, and closed connections drained to the
+    /// host, before this instant.
     deadline: Option<Instant>,
 
     /// Bytes on their way to the host stream.
@@ -183,7 +186,13 @@ impl Connection {
 
     /// True when a host-initiated connection was not answered in time.
     pub fn is_expired(&self, now: Instant) -> bool {
-        self.state == ConnState::AwaitingResponse && self.deadline.is_some_and(|d| now >= d)
+        !self.closed && self.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// True while a deadline runs: waiting for the guest's RESPONSE, or for the host stream to
+    /// take the last data of a connection the guest closed.
+    pub fn has_deadline(&self) -> bool {
+        !self.closed && self.deadline.is_some()
     }
 
     /// The epoll events to wait for on the host stream (empty: unregister).
@@ -192,7 +201,11 @@ impl Connection {
         if self.closed {
             return set;
         }
-        if self.state == ConnState::Established && !self.host_readable && !self.host_eof {
+        if self.state == ConnState::Established
+            && !self.host_readable
+            && !self.host_eof
+            && self.peer_shutdown & SHUTDOWN_RCV == 0
+        {
             set |= EventSet::IN;
         }
         if !self.to_host.is_empty() {
@@ -300,13 +313,24 @@ impl Connection {
 
     fn on_guest_shutdown(&mut self, flags: u32) {
         self.peer_shutdown |= flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+        if self.peer_shutdown & SHUTDOWN_SEND == 0 {
+            return;
+        }
+        if self.to_host.is_empty() {
+            self.finish_guest_send();
+        } else if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
+            // The guest closed its socket and waits (a few seconds) for our RST. Everything it
+            // sent was covered by our credit, so deliver it first; `flush_to_host` finishes.
+            self.deadline = Some(Instant::now() + CLOSE_DRAIN_TIMEOUT);
+        }
+    }
+
+    /// All the guest's data is with the host: pass its end of stream on, and end the
+    /// connection if the guest closed it completely.
+    fn finish_guest_send(&mut self) {
+        self.shutdown_host_write();
         if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
-            // The guest closed its socket and waits for our RST. Hand over what the host
-            // stream takes now; the rest is lost with the connection.
-            self.flush_to_host();
             self.reset();
-        } else if self.peer_shutdown & SHUTDOWN_SEND != 0 && self.to_host.is_empty() {
-            self.shutdown_host_write();
         }
     }
 
@@ -380,7 +404,7 @@ impl Connection {
             }
         }
         if self.to_host.is_empty() && self.peer_shutdown & SHUTDOWN_SEND != 0 {
-            self.shutdown_host_write();
+            self.finish_guest_send();
         }
         self.maybe_credit_update();
     }

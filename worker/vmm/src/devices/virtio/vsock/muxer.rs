@@ -26,7 +26,7 @@ use vm_memory::VolatileSlice;
 use vm_memory::bitmap::BitmapSlice;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::connection::{ConnState, Connection};
+use super::connection::Connection;
 use super::packet::{HOST_CID, Header, TYPE_STREAM, op};
 use crate::devices::virtio::ratelimit::guest_warn;
 
@@ -307,11 +307,8 @@ impl Muxer {
     }
 
     fn arm_timer(&mut self) {
-        let needed = !self.handshakes.is_empty()
-            || self
-                .conns
-                .values()
-                .any(|c| c.state() == ConnState::AwaitingResponse);
+        let needed =
+            !self.handshakes.is_empty() || self.conns.values().any(Connection::has_deadline);
         if needed == self.timer_armed {
             return;
         }
@@ -348,7 +345,7 @@ impl Muxer {
             tracing::debug!(
                 host_port = key.0,
                 guest_port = key.1,
-                "vsock: guest did not accept in time"
+                "vsock: connection timed out (guest did not accept, or host did not drain)"
             );
             if let Some(conn) = self.conns.get_mut(&key) {
                 conn.reset();

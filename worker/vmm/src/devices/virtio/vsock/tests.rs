@@ -398,6 +398,10 @@ fn host_connects_to_the_guest_and_bulk_data_flows_with_credit_updates() {
         sent += n;
         f.manager.run_with_timeout(1).unwrap();
     }
+    // Data the host stream could not take at once is still queued in the device.
+    run_until(&mut f.manager, "host received everything", || {
+        reader.is_finished()
+    });
     assert_eq!(reader.join().unwrap(), data);
     assert!(credit_updates > 0, "the device reported forwarded bytes");
     assert_eq!(connections(&f), 1, "never reset");

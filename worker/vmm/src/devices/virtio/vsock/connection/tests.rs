@@ -267,3 +267,58 @@ fn unexpected_packets_reset_and_rst_closes_silently() {
     assert!(conn.is_closed());
     assert!(!conn.has_rx());
 }
+
+/// Sends 16 KiB chunks until the host stream stops taking them; returns the bytes sent.
+fn fill_until_buffered(conn: &mut Connection) -> usize {
+    let mut sent = 0usize;
+    let mut chunk = vec![9u8; 16 * 1024];
+    while conn.to_host.is_empty() && sent < 4 << 20 {
+        send_rw(conn, &mut chunk, 0);
+        sent += chunk.len();
+        // Credit updates would go to the guest; this guest ignores them.
+        conn.pending.retain(|&op| op != op::CREDIT_UPDATE);
+        conn.last_fwd_cnt_sent = conn.fwd_cnt;
+        assert!(!conn.pending.contains(&op::RST), "reset while filling");
+    }
+    assert!(!conn.to_host.is_empty(), "host stream never filled");
+    sent
+}
+
+#[test]
+fn guest_close_delivers_buffered_data_before_the_rst() {
+    let (mut conn, mut theirs) = established(64 * 1024);
+    let sent = fill_until_buffered(&mut conn);
+    let mut shutdown = guest_header(op::SHUTDOWN, 4096, 0);
+    shutdown.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    conn.on_guest_packet::<()>(&shutdown, None);
+    assert!(!conn.has_rx(), "no RST while data is still queued");
+    assert!(conn.has_deadline());
+    assert_eq!(conn.interest(), EventSet::OUT, "only draining now");
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        theirs.read_to_end(&mut all).unwrap();
+        all
+    });
+    while !conn.has_rx() {
+        conn.on_host_writable();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(take_rx(&mut conn, 0).unwrap().0.op, op::RST);
+    assert!(conn.is_closed());
+    let all = reader.join().unwrap();
+    assert_eq!(all.len(), sent, "every byte reached the host, then EOF");
+}
+
+#[test]
+fn closed_connection_that_cannot_drain_times_out() {
+    let (mut conn, _theirs) = established(64 * 1024);
+    fill_until_buffered(&mut conn);
+    let mut shutdown = guest_header(op::SHUTDOWN, 4096, 0);
+    shutdown.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    conn.on_guest_packet::<()>(&shutdown, None);
+    assert!(!conn.is_expired(Instant::now()));
+    assert!(conn.is_expired(Instant::now() + Duration::from_secs(6)));
+    conn.reset();
+    assert_eq!(take_rx(&mut conn, 0).unwrap().0.op, op::RST);
+    assert!(conn.is_closed());
+}
