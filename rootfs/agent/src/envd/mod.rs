@@ -31,6 +31,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use tower_http::CompressionLevel;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 
@@ -86,7 +87,8 @@ fn public_router(envd: Arc<state::Envd>) -> Router {
         .route("/files", get(files::download).post(files::upload))
         .layer(DefaultBodyLimit::disable())
         .layer(RequestDecompressionLayer::new())
-        .layer(CompressionLayer::new());
+        // httpx asks for gzip on every download by default: spend little CPU on it.
+        .layer(CompressionLayer::new().quality(CompressionLevel::Fastest));
     Router::new()
         .route("/health", get(admin::health))
         .route("/init", post(admin::init_refused))
