@@ -6,12 +6,16 @@
 //! - [`auth`]: password hashes, session tokens and API-key secrets (pure functions);
 //! - [`lifecycle`]: the sandbox state machine, the operations that drive it and the reaper;
 //! - [`placement`]: the seam to workers ([`placement::Placement`]);
+//! - [`pki`] and [`workers`]: the worker CA, registration certificates and the QUIC control
+//!   channel (sessions, heartbeats, reconciliation, lost hosts);
 //! - [`ratelimit`]: per-key and per-team request budgets;
 //! - [`api`]: the HTTP surface (native `/v1` and E2B-compatible routes, OpenAPI document).
 
 pub mod api;
 pub mod auth;
 pub mod lifecycle;
+pub mod pki;
 pub mod placement;
 pub mod ratelimit;
 pub mod store;
+pub mod workers;

@@ -155,16 +155,42 @@ impl From<LifecycleError> for ApiError {
             L::IdempotencyInProgress => {
                 Self::conflict(e.to_string()).retry_after(Duration::from_secs(1))
             }
-            L::Worker { ref source, .. } => match source {
-                PlacementError::NoCapacity { .. } | PlacementError::HostUnavailable { .. } => {
-                    tracing::warn!(error = %ErrorChain(&e), "worker unavailable");
-                    Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            L::Worker { ref source, .. } => {
+                // Say what went wrong without naming hosts, which are not the tenant's business.
+                let message = match source {
+                    PlacementError::NoCapacity { template } => format!(
+                        "no worker has capacity for template {template:?} right now; retry later"
+                    ),
+                    PlacementError::NoTemplateHost { template } => {
+                        format!("no connected worker offers template {template:?}")
+                    }
+                    PlacementError::HostUnavailable { .. } | PlacementError::Timeout { .. } => {
+                        format!("{e}: its worker is unreachable; retry later")
+                    }
+                    PlacementError::UnknownSandbox { .. } | PlacementError::Refused { .. } => {
+                        format!("{e}: {source}")
+                    }
+                };
+                tracing::warn!(error = %ErrorChain(&e), "worker request failed");
+                match source {
+                    // Transient: a worker frees capacity or reconnects. Clients retry (the E2B
+                    // SDK retries 503 unless told otherwise) after the hinted wait.
+                    PlacementError::NoCapacity { .. }
+                    | PlacementError::HostUnavailable { .. }
+                    | PlacementError::Timeout { .. } => {
+                        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+                            .retry_after(Duration::from_secs(1))
+                    }
+                    // No worker offers the template: the same request fails the same way until
+                    // an operator adds one, so clients must not hammer.
+                    PlacementError::NoTemplateHost { .. } => {
+                        Self::new(StatusCode::SERVICE_UNAVAILABLE, message).never_retry()
+                    }
+                    PlacementError::UnknownSandbox { .. } | PlacementError::Refused { .. } => {
+                        Self::new(StatusCode::BAD_GATEWAY, message).never_retry()
+                    }
                 }
-                PlacementError::UnknownSandbox { .. } | PlacementError::Refused { .. } => {
-                    tracing::warn!(error = %ErrorChain(&e), "worker refused");
-                    Self::new(StatusCode::BAD_GATEWAY, e.to_string()).never_retry()
-                }
-            },
+            }
             L::Store(_) | L::Id(_) => Self::internal(&e),
         }
     }

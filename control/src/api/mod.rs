@@ -83,6 +83,8 @@ pub struct Inner {
     pub sessions: SessionKeys,
     pub limits: RateLimits,
     pub config: Config,
+    /// Worker registration; `None` when this instance runs no worker channel.
+    pub workers: Option<v1::workers::WorkerRegistration>,
 }
 
 impl Deref for AppState {
@@ -94,11 +96,21 @@ impl Deref for AppState {
 
 impl AppState {
     pub fn new(sandboxes: Sandboxes, config: Config) -> Self {
+        Self::with_workers(sandboxes, config, None)
+    }
+
+    /// State that also registers workers for the QUIC control channel.
+    pub fn with_workers(
+        sandboxes: Sandboxes,
+        config: Config,
+        workers: Option<v1::workers::WorkerRegistration>,
+    ) -> Self {
         Self(Arc::new(Inner {
             sessions: SessionKeys::new(&config.session_secret, config.session_ttl),
             limits: RateLimits::new(config.limits),
             sandboxes,
             config,
+            workers,
         }))
     }
 
@@ -158,6 +170,9 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(v1::sandboxes::resume))
         .routes(routes!(v1::sandboxes::set_timeout))
         .routes(routes!(v1::sandboxes::metrics))
+        .routes(routes!(v1::workers::create_token))
+        .routes(routes!(v1::workers::register))
+        .routes(routes!(v1::workers::list_hosts))
         .routes(routes!(e2b::routes::create_v1, e2b::routes::list_v1))
         .routes(routes!(e2b::routes::create_v2, e2b::routes::list_v2))
         .routes(routes!(e2b::routes::info, e2b::routes::kill))

@@ -10,6 +10,7 @@
 //!  killed ◀─────── (kill from any live state, including lost)
 //!
 //!  creating/running/paused ── host lost ──▶ lost ── worker reports it again ──▶ running
+//!                                                   (or paused, as the worker reports it)
 //! ```
 //!
 //! Everything that changes a sandbox's state asks [`transition`] first and then writes the
@@ -50,6 +51,8 @@ pub enum Event {
     HostLost,
     /// A lost sandbox's host came back and reported it running.
     Reappeared,
+    /// A lost sandbox's host came back and reported it paused (its snapshot survived).
+    ReappearedPaused,
 }
 
 /// The event does not apply in the current state.
@@ -74,6 +77,7 @@ pub fn transition(from: SandboxState, event: Event) -> Result<SandboxState, Inva
         (S::Creating | S::Running | S::Paused | S::Lost, E::Kill) => S::Killed,
         (S::Creating | S::Running | S::Paused, E::HostLost) => S::Lost,
         (S::Lost, E::Reappeared) => S::Running,
+        (S::Lost, E::ReappearedPaused) => S::Paused,
         _ => return Err(InvalidTransition { from, event }),
     };
     Ok(to)
@@ -132,7 +136,7 @@ mod tests {
     use Event as E;
     use SandboxState as S;
 
-    const EVENTS: [Event; 9] = [
+    const EVENTS: [Event; 10] = [
         E::Placed,
         E::PlacementFailed,
         E::Pause,
@@ -142,6 +146,7 @@ mod tests {
         E::TimedOut { auto_pause: false },
         E::HostLost,
         E::Reappeared,
+        E::ReappearedPaused,
     ];
 
     #[test]
@@ -196,6 +201,8 @@ mod tests {
         }
         assert_eq!(transition(S::Lost, E::Kill).unwrap(), S::Killed);
         assert_eq!(transition(S::Lost, E::Reappeared).unwrap(), S::Running);
+        assert_eq!(transition(S::Lost, E::ReappearedPaused).unwrap(), S::Paused);
+        assert!(transition(S::Running, E::ReappearedPaused).is_err());
         assert!(transition(S::Lost, E::Resume).is_err());
     }
 
@@ -206,7 +213,7 @@ mod tests {
             .flat_map(|s| EVENTS.into_iter().map(move |e| (s, e)))
             .filter(|&(s, e)| transition(s, e).is_ok())
             .count();
-        assert_eq!(allowed, 14);
+        assert_eq!(allowed, 15);
     }
 
     #[test]

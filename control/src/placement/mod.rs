@@ -1,11 +1,12 @@
 //! Placement: choosing a host for a sandbox and telling that host's worker what to do.
 //!
-//! The REST layer and the reaper only see the [`Placement`] trait. Two implementations are
-//! planned: [`instant::InstantWorker`], an in-process worker that answers at once (tests and
-//! control-only benchmarks), and the QUIC control channel to real workers, which will pick
-//! among hosts by capacity and template.
+//! The REST layer and the reaper only see the [`Placement`] trait. Two implementations:
+//! [`instant::InstantWorker`], an in-process worker that answers at once (tests and
+//! control-only benchmarks), and [`quic::QuicPlacement`], real workers over the QUIC control
+//! channel, chosen by capacity and template.
 
 pub mod instant;
+pub mod quic;
 
 use std::collections::BTreeMap;
 
@@ -49,10 +50,16 @@ pub struct MetricSample {
 /// Why a worker request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
+    /// Hosts offer the template but none has room: waiting may help.
     #[error("no host has capacity for template {template}")]
     NoCapacity { template: String },
+    /// No connected host offers the template at all.
+    #[error("no connected host offers template {template}")]
+    NoTemplateHost { template: String },
     #[error("host {host} is not connected")]
     HostUnavailable { host: String },
+    #[error("host {host} did not answer in time")]
+    Timeout { host: String },
     #[error("host {host} does not know sandbox {sandbox}")]
     UnknownSandbox { host: String, sandbox: String },
     #[error("worker refused: {reason}")]

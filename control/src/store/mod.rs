@@ -22,6 +22,7 @@ pub mod sandboxes;
 pub mod teams;
 pub mod templates;
 pub mod users;
+pub mod worker_tokens;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -307,3 +307,37 @@ pub async fn expired(db: &Db, now: i64, limit: i64) -> Result<Vec<Sandbox>, Stor
         .await?;
     rows.into_iter().map(Sandbox::try_from).collect()
 }
+
+/// Sandbox `id` of any team: only for system actors (worker reconciliation).
+pub async fn get_any_team(db: &Db, id: &str) -> Result<Option<Sandbox>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM sandboxes s WHERE s.id = $1");
+    let row: Option<Row> = sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_optional(db.pool())
+        .await?;
+    row.map(Sandbox::try_from).transpose()
+}
+
+/// Sandboxes of every team placed on `host_id` in one of `states`: only for system actors
+/// (lost hosts and reconciliation).
+pub async fn on_host(
+    db: &Db,
+    host_id: &str,
+    states: &[SandboxState],
+) -> Result<Vec<Sandbox>, StoreError> {
+    if states.is_empty() {
+        return Ok(Vec::new());
+    }
+    let placeholders: Vec<String> = (0..states.len()).map(|i| format!("${}", i + 2)).collect();
+    let sql = format!(
+        "SELECT {COLUMNS} FROM sandboxes s WHERE s.host_id = $1 AND s.state IN ({}) \
+         ORDER BY s.created_at, s.id",
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query_as::<_, Row>(&sql).bind(host_id);
+    for state in states {
+        query = query.bind(state.as_str());
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    rows.into_iter().map(Sandbox::try_from).collect()
+}

@@ -83,3 +83,22 @@ pub async fn by_id(db: &Db, id: &str) -> Result<Option<User>, StoreError> {
         .fetch_optional(db.pool())
         .await?)
 }
+
+/// Whether user `id` is a platform administrator (may manage workers and hosts).
+pub async fn is_platform_admin(db: &Db, id: &str) -> Result<bool, StoreError> {
+    let row: Option<(i64,)> = sqlx::query_as("SELECT is_platform_admin FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(row.is_some_and(|(flag,)| flag != 0))
+}
+
+/// Grants or withdraws platform administration (an operator action, from the CLI).
+pub async fn set_platform_admin(db: &Db, id: &str, admin: bool) -> Result<bool, StoreError> {
+    let res = sqlx::query("UPDATE users SET is_platform_admin = $1 WHERE id = $2")
+        .bind(i64::from(admin))
+        .bind(id)
+        .execute(db.pool())
+        .await?;
+    Ok(res.rows_affected() == 1)
+}

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod test_worker;
+
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -15,12 +17,15 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
+use roost_control::api::v1::workers::WorkerRegistration;
 use roost_control::api::{self, AppState, Config};
 use roost_control::auth::password::HashCost;
 use roost_control::lifecycle::Sandboxes;
+use roost_control::pki::ControlCa;
 use roost_control::placement::instant::InstantWorker;
 use roost_control::ratelimit::{Budget, Limits};
 use roost_control::store::Db;
+use roost_control::workers::{ChannelConfig, WorkerChannel};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use tower::ServiceExt;
@@ -42,6 +47,8 @@ pub struct TestApp {
     pub state: AppState,
     pub worker: Arc<InstantWorker>,
     pub db: Db,
+    /// The QUIC worker channel, when the app places sandboxes on (test) workers over it.
+    pub channel: Option<Arc<WorkerChannel>>,
     scratch: Arc<Scratch>,
 }
 
@@ -121,33 +128,7 @@ impl TestApp {
     }
 
     pub async fn with_config(backend: Backend, config: Config) -> Self {
-        let (db, scratch) = match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let db = Db::open_data_dir(dir.path()).await.unwrap();
-                (db, Scratch::Dir(dir))
-            }
-            Backend::Postgres => {
-                let admin_url = std::env::var("ROOST_TEST_POSTGRES_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-                sqlx::any::install_default_drivers();
-                let name = format!(
-                    "roost_test_{}",
-                    roost_control::store::random_id("", 8).unwrap()
-                );
-                let mut admin = sqlx::AnyConnection::connect(&admin_url)
-                    .await
-                    .expect("PostgreSQL must be reachable (set ROOST_TEST_POSTGRES_URL)");
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&mut admin)
-                    .await
-                    .unwrap();
-                admin.close().await.unwrap();
-                let url = replace_database(&admin_url, &name);
-                let db = Db::connect(&url).await.unwrap();
-                (db, Scratch::Database { admin_url, name })
-            }
-        };
+        let (db, scratch) = scratch_db(backend).await;
         let worker = Arc::new(InstantWorker::register(&db).await.unwrap());
         let state = AppState::new(Sandboxes::new(db.clone(), worker.clone()), config);
         Self {
@@ -155,11 +136,50 @@ impl TestApp {
             state,
             worker,
             db,
+            channel: None,
             scratch: Arc::new(scratch),
         }
     }
 
+    /// An app whose sandboxes run on workers connected over a real QUIC channel on
+    /// 127.0.0.1 (port chosen by the OS), with worker registration enabled.
+    pub async fn with_channel(backend: Backend, config: Config, channel: ChannelConfig) -> Self {
+        let (db, scratch) = scratch_db(backend).await;
+        let worker = Arc::new(InstantWorker::default());
+        let ca = Arc::new(ControlCa::generate().unwrap());
+        let server_name = channel.server_name.clone();
+        let channel = WorkerChannel::start(db.clone(), &ca, channel)
+            .await
+            .unwrap();
+        let registration = WorkerRegistration {
+            ca,
+            server_name,
+            channel_address: channel.local_addr().unwrap().to_string(),
+        };
+        let placement = Arc::new(channel.placement());
+        let state = AppState::with_workers(
+            Sandboxes::new(db.clone(), placement),
+            config,
+            Some(registration),
+        );
+        Self {
+            router: api::router(state.clone()),
+            state,
+            worker,
+            db,
+            channel: Some(Arc::new(channel)),
+            scratch: Arc::new(scratch),
+        }
+    }
+
+    pub fn channel(&self) -> &WorkerChannel {
+        self.channel.as_deref().expect("app has a worker channel")
+    }
+
     async fn cleanup(&self) {
+        if let Some(channel) = &self.channel {
+            channel.close();
+        }
         self.db.close().await;
         if let Scratch::Database { admin_url, name } = self.scratch.as_ref() {
             let mut admin = sqlx::AnyConnection::connect(admin_url).await.unwrap();
@@ -282,6 +302,37 @@ impl TestApp {
     }
 }
 
+/// A fresh database for `backend` and what to remove afterwards.
+async fn scratch_db(backend: Backend) -> (Db, Scratch) {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Db::open_data_dir(dir.path()).await.unwrap();
+            (db, Scratch::Dir(dir))
+        }
+        Backend::Postgres => {
+            let admin_url = std::env::var("ROOST_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+            sqlx::any::install_default_drivers();
+            let name = format!(
+                "roost_test_{}",
+                roost_control::store::random_id("", 8).unwrap()
+            );
+            let mut admin = sqlx::AnyConnection::connect(&admin_url)
+                .await
+                .expect("PostgreSQL must be reachable (set ROOST_TEST_POSTGRES_URL)");
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let url = replace_database(&admin_url, &name);
+            let db = Db::connect(&url).await.unwrap();
+            (db, Scratch::Database { admin_url, name })
+        }
+    }
+}
+
 fn replace_database(url: &str, name: &str) -> String {
     let (base, query) = url
         .split_once('?')
@@ -333,6 +384,72 @@ macro_rules! on_both_backends {
                 #[tokio::test]
                 async fn $name() {
                     $crate::common::run($crate::common::Backend::Postgres, super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Worker-channel settings for tests: heartbeats every 100 ms, lost after 500 ms.
+pub fn test_channel_config() -> ChannelConfig {
+    let mut c = ChannelConfig::new("127.0.0.1:0".parse().unwrap());
+    c.heartbeat_interval = std::time::Duration::from_millis(100);
+    c.lost_after = std::time::Duration::from_millis(500);
+    c.request_timeout = std::time::Duration::from_secs(5);
+    c.hello_timeout = std::time::Duration::from_secs(5);
+    c
+}
+
+/// [`run`] on an app whose sandboxes run on test workers over the QUIC channel.
+pub async fn run_on_channel<F, Fut>(backend: Backend, scenario: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let app = TestApp::with_channel(backend, test_config(), test_channel_config()).await;
+    let outcome = tokio::spawn(scenario(app.clone())).await;
+    app.cleanup().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `within`; panics naming
+/// `what` otherwise. For waiting on background mechanisms (heartbeats, sweeps).
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Declares each listed scenario as one channel test per backend.
+#[macro_export]
+macro_rules! on_both_backends_with_channel {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    $crate::common::run_on_channel($crate::common::Backend::Sqlite, super::$name).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    $crate::common::run_on_channel($crate::common::Backend::Postgres, super::$name).await;
                 }
             )*
         }

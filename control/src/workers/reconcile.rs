@@ -1,0 +1,162 @@
+//! Reconciliation: making the database and a worker agree on which sandboxes run there.
+//!
+//! For every sandbox a worker reports (in its hello and in each heartbeat):
+//! - unknown to control, killed, or placed on another host → the worker is told to kill it;
+//! - `lost` in the database → it is back: `running` or `paused` as reported, on this host;
+//! - still `creating` in the database, or `starting` on the worker → left alone (a create is
+//!   in flight).
+//!
+//! Only on connect (the hello), every sandbox the database places on this host as `running`
+//! or `paused` that the worker does *not* report is marked `lost`: the worker restarted
+//! without it. This is not done per heartbeat, because a kill or pause in flight makes the two
+//! sides briefly disagree, and a fresh connection has no requests in flight.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use roost_proto::control::{Operation, SandboxReport, WorkerSandboxState};
+
+use super::monitor;
+use super::rpc;
+use super::server::Shared;
+use crate::lifecycle::state::{Event, SandboxState, transition};
+use crate::store::StoreError;
+use crate::store::audit::{self, Actor};
+use crate::store::sandboxes::{self, Changes};
+
+/// What reconciliation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub kill_orders: usize,
+    pub reappeared: usize,
+    pub lost: usize,
+}
+
+/// Reconciles a fresh connection's hello.
+pub async fn on_connect(
+    shared: &Arc<Shared>,
+    host_id: &str,
+    reports: &[SandboxReport],
+) -> Result<Outcome, StoreError> {
+    let mut outcome = on_reports(shared, host_id, reports).await?;
+    let reported: HashSet<&str> = reports.iter().map(|r| r.sandbox_id.as_str()).collect();
+    let placed = sandboxes::on_host(
+        &shared.db,
+        host_id,
+        &[SandboxState::Running, SandboxState::Paused],
+    )
+    .await?;
+    for sandbox in placed {
+        if !reported.contains(sandbox.id.as_str())
+            && monitor::mark_lost(shared, &sandbox, "not reported by its worker on reconnect")
+                .await?
+        {
+            outcome.lost += 1;
+        }
+    }
+    if outcome != Outcome::default() {
+        tracing::info!(host = host_id, ?outcome, "reconciled worker on connect");
+    }
+    Ok(outcome)
+}
+
+/// Reconciles the sandboxes a hello or heartbeat reports.
+pub async fn on_reports(
+    shared: &Arc<Shared>,
+    host_id: &str,
+    reports: &[SandboxReport],
+) -> Result<Outcome, StoreError> {
+    let mut outcome = Outcome::default();
+    for report in reports {
+        let reported = match report.state {
+            WorkerSandboxState::Starting => continue,
+            WorkerSandboxState::Running => Event::Reappeared,
+            WorkerSandboxState::Paused => Event::ReappearedPaused,
+        };
+        let stored = sandboxes::get_any_team(&shared.db, &report.sandbox_id).await?;
+        let orphan = match &stored {
+            None => true,
+            Some(s) if s.state == SandboxState::Creating => false,
+            Some(s) => s.state == SandboxState::Killed || s.host_id.as_deref() != Some(host_id),
+        };
+        if orphan {
+            order_kill(shared, host_id, &report.sandbox_id, stored.as_ref()).await?;
+            outcome.kill_orders += 1;
+            continue;
+        }
+        let Some(sandbox) = stored.filter(|s| s.state == SandboxState::Lost) else {
+            continue;
+        };
+        let Ok(to) = transition(sandbox.state, reported) else {
+            continue;
+        };
+        let changes = Changes {
+            host_id: Some(host_id.to_owned()),
+            ..Changes::default()
+        };
+        if sandboxes::compare_and_set(&shared.db, None, &sandbox.id, sandbox.state, to, changes)
+            .await?
+        {
+            outcome.reappeared += 1;
+            audit::record(
+                shared.db.pool(),
+                audit::Event {
+                    team_id: Some(&sandbox.team_id),
+                    actor: &Actor::System,
+                    action: "sandbox.reappeared",
+                    target_kind: "sandbox",
+                    target_id: Some(&sandbox.id),
+                    details: serde_json::json!({ "host": host_id, "state": to }),
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Tells the worker to kill a sandbox control does not want there, in the background (the
+/// heartbeat loop must not wait for it), and audits the order.
+async fn order_kill(
+    shared: &Arc<Shared>,
+    host_id: &str,
+    sandbox_id: &str,
+    stored: Option<&sandboxes::Sandbox>,
+) -> Result<(), StoreError> {
+    tracing::info!(
+        host = host_id,
+        sandbox = sandbox_id,
+        "worker holds a sandbox control does not; killing it"
+    );
+    audit::record(
+        shared.db.pool(),
+        audit::Event {
+            team_id: stored.map(|s| s.team_id.as_str()),
+            actor: &Actor::System,
+            action: "sandbox.reconcile_kill",
+            target_kind: "sandbox",
+            target_id: Some(sandbox_id),
+            details: serde_json::json!({
+                "host": host_id,
+                "stored_state": stored.map(|s| s.state),
+                "stored_host": stored.and_then(|s| s.host_id.clone()),
+            }),
+        },
+    )
+    .await?;
+    let Some(connection) = shared.registry.connection(host_id) else {
+        return Ok(());
+    };
+    let request_id = shared.registry.next_request_id();
+    let operation = Operation::Kill {
+        sandbox_id: sandbox_id.to_owned(),
+    };
+    let timeout = shared.config.request_timeout;
+    let (host, sandbox) = (host_id.to_owned(), sandbox_id.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = rpc::call(&connection, request_id, operation, timeout).await {
+            tracing::warn!(%host, %sandbox, error = %e, "reconciliation kill failed");
+        }
+    });
+    Ok(())
+}

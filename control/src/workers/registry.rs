@@ -1,0 +1,196 @@
+//! The workers connected to this control instance, with what they can take.
+//!
+//! Capacity in use is what the worker's last heartbeat said plus what control placed on it
+//! since ([`Registry::reserve_best`] adds a reservation atomically with the choice, so two
+//! concurrent creates cannot both take the last slot); the next heartbeat replaces the sum with
+//! the worker's own figures. The worker enforces its limits itself and answers `no_capacity`
+//! when control's view was stale, and placement then tries the next host.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use roost_proto::control::{Capacity, Hello, Usage};
+
+use crate::placement::PlacementError;
+
+/// Resources one sandbox takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+}
+
+#[derive(Debug)]
+struct Worker {
+    connection: quinn::Connection,
+    /// Which connection of the host this is; a late detach of an older one is ignored.
+    epoch: u64,
+    capacity: Capacity,
+    usage: Usage,
+    templates: BTreeSet<String>,
+}
+
+impl Worker {
+    fn fits(&self, need: Need) -> bool {
+        let (c, u) = (&self.capacity, &self.usage);
+        u.sandboxes.saturating_add(1) <= c.max_sandboxes
+            && u.vcpus.saturating_add(need.vcpus) <= c.vcpus
+            && u.memory_mib.saturating_add(need.memory_mib) <= c.memory_mib
+            && u.disk_mib.saturating_add(need.disk_mib) <= c.disk_mib
+    }
+
+    /// Ordering key: more free sandbox slots, then more free memory, is better.
+    fn headroom(&self) -> (u32, u64) {
+        (
+            self.capacity
+                .max_sandboxes
+                .saturating_sub(self.usage.sandboxes),
+            self.capacity
+                .memory_mib
+                .saturating_sub(self.usage.memory_mib),
+        )
+    }
+}
+
+/// A host chosen for a sandbox, with its reservation already counted.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub host_id: String,
+    pub connection: quinn::Connection,
+}
+
+/// Connected workers by host id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    workers: Mutex<HashMap<String, Worker>>,
+    next_epoch: AtomicU64,
+    next_request: AtomicU64,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Worker>> {
+        // Every critical section is a single map operation or a field update, so a panic
+        // cannot leave the map inconsistent: a poisoned lock is still usable.
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a worker's new connection; an older connection of the same host is closed.
+    /// Returns the connection's epoch.
+    pub fn attach(&self, host_id: &str, connection: quinn::Connection, hello: &Hello) -> u64 {
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        let worker = Worker {
+            connection,
+            epoch,
+            capacity: hello.capacity,
+            usage: hello.usage,
+            templates: hello.templates.iter().cloned().collect(),
+        };
+        if let Some(old) = self.lock().insert(host_id.to_owned(), worker) {
+            old.connection.close(
+                quinn::VarInt::from_u32(0),
+                b"replaced by a newer connection",
+            );
+        }
+        epoch
+    }
+
+    /// Forgets connection `epoch` of `host_id`, if it is still the current one.
+    pub fn detach(&self, host_id: &str, epoch: u64) -> bool {
+        let mut map = self.lock();
+        if map.get(host_id).is_some_and(|w| w.epoch == epoch) {
+            map.remove(host_id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets `host_id` whatever its connection, returning the connection to close.
+    pub fn evict(&self, host_id: &str) -> Option<quinn::Connection> {
+        self.lock().remove(host_id).map(|w| w.connection)
+    }
+
+    /// Applies a heartbeat's figures to connection `epoch` of `host_id`.
+    pub fn report(&self, host_id: &str, epoch: u64, usage: Usage, templates: &[String]) {
+        if let Some(w) = self.lock().get_mut(host_id).filter(|w| w.epoch == epoch) {
+            w.usage = usage;
+            w.templates = templates.iter().cloned().collect();
+        }
+    }
+
+    /// The connection of `host_id`, if it is connected.
+    pub fn connection(&self, host_id: &str) -> Option<quinn::Connection> {
+        self.lock().get(host_id).map(|w| w.connection.clone())
+    }
+
+    /// Ids of the connected hosts, sorted.
+    pub fn connected(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Picks the connected host with the most headroom that offers `template` and fits
+    /// `need`, skipping `exclude`, and reserves `need` on it.
+    pub fn reserve_best(
+        &self,
+        template: &str,
+        need: Need,
+        exclude: &[String],
+    ) -> Result<Candidate, PlacementError> {
+        let mut map = self.lock();
+        let mut offering = map
+            .iter_mut()
+            .filter(|(id, w)| w.templates.contains(template) && !exclude.contains(id))
+            .peekable();
+        if offering.peek().is_none() {
+            return Err(PlacementError::NoTemplateHost {
+                template: template.to_owned(),
+            });
+        }
+        let (host_id, worker) = offering
+            .filter(|(_, w)| w.fits(need))
+            .max_by(|(a_id, a), (b_id, b)| {
+                a.headroom()
+                    .cmp(&b.headroom())
+                    // Ties go to the smaller id, so the choice is deterministic.
+                    .then_with(|| b_id.cmp(a_id))
+            })
+            .ok_or_else(|| PlacementError::NoCapacity {
+                template: template.to_owned(),
+            })?;
+        let u = &mut worker.usage;
+        u.sandboxes = u.sandboxes.saturating_add(1);
+        u.vcpus = u.vcpus.saturating_add(need.vcpus);
+        u.memory_mib = u.memory_mib.saturating_add(need.memory_mib);
+        u.disk_mib = u.disk_mib.saturating_add(need.disk_mib);
+        Ok(Candidate {
+            host_id: host_id.clone(),
+            connection: worker.connection.clone(),
+        })
+    }
+
+    /// Gives back a reservation whose create failed.
+    pub fn release(&self, host_id: &str, need: Need) {
+        if let Some(w) = self.lock().get_mut(host_id) {
+            let u = &mut w.usage;
+            u.sandboxes = u.sandboxes.saturating_sub(1);
+            u.vcpus = u.vcpus.saturating_sub(need.vcpus);
+            u.memory_mib = u.memory_mib.saturating_sub(need.memory_mib);
+            u.disk_mib = u.disk_mib.saturating_sub(need.disk_mib);
+        }
+    }
+
+    /// A fresh request id.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
