@@ -77,9 +77,12 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::CreatePit)?;
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::SupportedCpuid)?;
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            crate::arch::cpuid::set_tsc_deadline(&mut supported_cpuid);
+        }
         Ok(Self {
             kvm,
             fd,
@@ -115,7 +118,8 @@ impl Vm {
         &self.kvm
     }
 
-    /// KVM's supported CPUID on this host, before per-vCPU normalisation.
+    /// KVM's supported CPUID on this host plus what KVM emulates for this VM (TSC-deadline
+    /// timer), before per-vCPU normalisation.
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
     }
