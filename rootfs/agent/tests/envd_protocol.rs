@@ -5,7 +5,7 @@
 mod envd_support;
 
 use envd_support::Agent;
-use envd_support::http::{envelope, send};
+use envd_support::http::{envelope, send, send_chunked};
 
 const STREAM: (&str, &str) = ("Content-Type", "application/connect+json");
 const UNARY: (&str, &str) = ("Content-Type", "application/json");
@@ -301,4 +301,48 @@ fn envd_speaks_h2c_with_prior_knowledge() {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{}");
     });
+}
+
+#[test]
+fn envd_http1_chunked_request_bodies() {
+    let agent = Agent::start(0, &[]);
+    // A unary message split across chunks.
+    let stat = send_chunked(
+        agent.addr,
+        "/filesystem.Filesystem/Stat",
+        &[UNARY, ("Authorization", &envd_support::http::basic("root"))],
+        &[br#"{"pa"#, br#"th": "/"}"#],
+    );
+    assert_eq!(stat.status, 200);
+    assert_eq!(stat.json()["entry"]["type"], "FILE_TYPE_DIRECTORY");
+    // A streaming request whose envelope is split inside its header.
+    let start = start_body("echo chunked");
+    let reply = send_chunked(
+        agent.addr,
+        "/process.Process/Start",
+        &[
+            STREAM,
+            ("Authorization", &envd_support::http::basic("root")),
+        ],
+        &[&start[..3], &start[3..]],
+    );
+    assert_eq!(reply.stream_error(), None);
+    // A file upload in many chunks.
+    let target = agent.root_path().join("chunked.bin");
+    let path = format!("/files?path={}&username=root", target.display());
+    let pieces: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 10_000]).collect();
+    let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+    let reply = send_chunked(
+        agent.addr,
+        &path,
+        &[("Content-Type", "application/octet-stream")],
+        &refs,
+    );
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), pieces.concat());
 }

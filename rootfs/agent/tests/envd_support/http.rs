@@ -80,6 +80,38 @@ pub fn send(
     read_reply(stream)
 }
 
+/// Sends `POST path` with a chunked body made of `chunks`, `Connection: close`.
+pub fn send_chunked(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    chunks: &[&[u8]],
+) -> Reply {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    for chunk in chunks {
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .unwrap();
+        stream.write_all(chunk).unwrap();
+        stream.write_all(b"\r\n").unwrap();
+        stream.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stream.write_all(b"0\r\n\r\n").unwrap();
+    read_reply(stream)
+}
+
 pub fn read_reply(stream: TcpStream) -> Reply {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
