@@ -13,6 +13,7 @@ use common::test_worker::{self, Creds, Profile, TestWorker};
 use common::{Auth, TestApp, User, eventually};
 use roost_control::pki::ControlCa;
 use roost_control::store::{hosts, now_ms, users, worker_tokens};
+use roost_control::workers::WorkerChannel;
 use roost_proto::control::WorkerSandboxState;
 use serde_json::{Value, json};
 
@@ -581,6 +582,35 @@ async fn a_replacing_connection_takes_over_and_the_old_one_is_closed(app: TestAp
     assert!(second.book.holds(&id));
 }
 
+async fn a_restarted_control_finds_lost_hosts_from_the_database(app: TestApp) {
+    let admin = platform_admin(&app).await;
+    let w = worker(&app, &admin, Profile::new(8, &["base"])).await;
+    let key = tenant(&app, "a@example.com").await;
+    let id = app.e2b_sandbox(&key, json!({"templateID": "base"})).await;
+
+    // The control instance the worker was connected to goes away (the worker with it).
+    app.channel().close();
+    w.vanish();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(sandbox(&app, &key, &id).await["state"], "running");
+
+    // A new instance on the same database never saw the worker connect, yet marks it lost.
+    let next = WorkerChannel::start(
+        app.db.clone(),
+        &ControlCa::generate().unwrap(),
+        common::test_channel_config(),
+    )
+    .await
+    .unwrap();
+    wait_for_state(&app, &key, &id, "lost").await;
+    let host = hosts::get(&app.db, &w.creds.worker_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(host.state, "lost");
+    next.close();
+}
+
 on_both_backends_with_channel!(
     registration_tokens_are_single_use_and_expire,
     certificates_from_another_ca_or_for_another_worker_are_refused,
@@ -590,4 +620,5 @@ on_both_backends_with_channel!(
     a_vanished_worker_loses_its_sandboxes_within_the_bound,
     reconnect_reconciles_both_ways,
     a_replacing_connection_takes_over_and_the_old_one_is_closed,
+    a_restarted_control_finds_lost_hosts_from_the_database,
 );

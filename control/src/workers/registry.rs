@@ -22,17 +22,15 @@ pub struct Need {
     pub disk_mib: u64,
 }
 
-#[derive(Debug)]
-struct Worker {
-    connection: quinn::Connection,
-    /// Which connection of the host this is; a late detach of an older one is ignored.
-    epoch: u64,
-    capacity: Capacity,
-    usage: Usage,
-    templates: BTreeSet<String>,
+/// What a worker can take and has taken, as control sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Load {
+    pub capacity: Capacity,
+    pub usage: Usage,
+    pub templates: BTreeSet<String>,
 }
 
-impl Worker {
+impl Load {
     fn fits(&self, need: Need) -> bool {
         let (c, u) = (&self.capacity, &self.usage);
         u.sandboxes.saturating_add(1) <= c.max_sandboxes
@@ -52,6 +50,56 @@ impl Worker {
                 .saturating_sub(self.usage.memory_mib),
         )
     }
+
+    fn add(&mut self, need: Need) {
+        let u = &mut self.usage;
+        u.sandboxes = u.sandboxes.saturating_add(1);
+        u.vcpus = u.vcpus.saturating_add(need.vcpus);
+        u.memory_mib = u.memory_mib.saturating_add(need.memory_mib);
+        u.disk_mib = u.disk_mib.saturating_add(need.disk_mib);
+    }
+
+    fn remove(&mut self, need: Need) {
+        let u = &mut self.usage;
+        u.sandboxes = u.sandboxes.saturating_sub(1);
+        u.vcpus = u.vcpus.saturating_sub(need.vcpus);
+        u.memory_mib = u.memory_mib.saturating_sub(need.memory_mib);
+        u.disk_mib = u.disk_mib.saturating_sub(need.disk_mib);
+    }
+}
+
+/// The host among `loads` with the most headroom that offers `template` and fits `need`,
+/// skipping `exclude`; ties go to the smaller id, so the choice is deterministic.
+pub fn pick<'a>(
+    loads: impl IntoIterator<Item = (&'a String, &'a Load)>,
+    template: &str,
+    need: Need,
+    exclude: &[String],
+) -> Result<&'a String, PlacementError> {
+    let mut offering = loads
+        .into_iter()
+        .filter(|(id, l)| l.templates.contains(template) && !exclude.contains(id))
+        .peekable();
+    if offering.peek().is_none() {
+        return Err(PlacementError::NoTemplateHost {
+            template: template.to_owned(),
+        });
+    }
+    offering
+        .filter(|(_, l)| l.fits(need))
+        .max_by(|(a_id, a), (b_id, b)| a.headroom().cmp(&b.headroom()).then_with(|| b_id.cmp(a_id)))
+        .map(|(id, _)| id)
+        .ok_or_else(|| PlacementError::NoCapacity {
+            template: template.to_owned(),
+        })
+}
+
+#[derive(Debug)]
+struct Worker {
+    connection: quinn::Connection,
+    /// Which connection of the host this is; a late detach of an older one is ignored.
+    epoch: u64,
+    load: Load,
 }
 
 /// A host chosen for a sandbox, with its reservation already counted.
@@ -89,9 +137,11 @@ impl Registry {
         let worker = Worker {
             connection,
             epoch,
-            capacity: hello.capacity,
-            usage: hello.usage,
-            templates: hello.templates.iter().cloned().collect(),
+            load: Load {
+                capacity: hello.capacity,
+                usage: hello.usage,
+                templates: hello.templates.iter().cloned().collect(),
+            },
         };
         if let Some(old) = self.lock().insert(host_id.to_owned(), worker) {
             old.connection.close(
@@ -121,8 +171,8 @@ impl Registry {
     /// Applies a heartbeat's figures to connection `epoch` of `host_id`.
     pub fn report(&self, host_id: &str, epoch: u64, usage: Usage, templates: &[String]) {
         if let Some(w) = self.lock().get_mut(host_id).filter(|w| w.epoch == epoch) {
-            w.usage = usage;
-            w.templates = templates.iter().cloned().collect();
+            w.load.usage = usage;
+            w.load.templates = templates.iter().cloned().collect();
         }
     }
 
@@ -147,33 +197,20 @@ impl Registry {
         exclude: &[String],
     ) -> Result<Candidate, PlacementError> {
         let mut map = self.lock();
-        let mut offering = map
-            .iter_mut()
-            .filter(|(id, w)| w.templates.contains(template) && !exclude.contains(id))
-            .peekable();
-        if offering.peek().is_none() {
-            return Err(PlacementError::NoTemplateHost {
-                template: template.to_owned(),
-            });
-        }
-        let (host_id, worker) = offering
-            .filter(|(_, w)| w.fits(need))
-            .max_by(|(a_id, a), (b_id, b)| {
-                a.headroom()
-                    .cmp(&b.headroom())
-                    // Ties go to the smaller id, so the choice is deterministic.
-                    .then_with(|| b_id.cmp(a_id))
-            })
-            .ok_or_else(|| PlacementError::NoCapacity {
-                template: template.to_owned(),
-            })?;
-        let u = &mut worker.usage;
-        u.sandboxes = u.sandboxes.saturating_add(1);
-        u.vcpus = u.vcpus.saturating_add(need.vcpus);
-        u.memory_mib = u.memory_mib.saturating_add(need.memory_mib);
-        u.disk_mib = u.disk_mib.saturating_add(need.disk_mib);
+        let host_id = pick(
+            map.iter().map(|(id, w)| (id, &w.load)),
+            template,
+            need,
+            exclude,
+        )?
+        .clone();
+        // `pick` returned a key of this map, under the same lock.
+        let Some(worker) = map.get_mut(&host_id) else {
+            return Err(PlacementError::HostUnavailable { host: host_id });
+        };
+        worker.load.add(need);
         Ok(Candidate {
-            host_id: host_id.clone(),
+            host_id,
             connection: worker.connection.clone(),
         })
     }
@@ -181,16 +218,140 @@ impl Registry {
     /// Gives back a reservation whose create failed.
     pub fn release(&self, host_id: &str, need: Need) {
         if let Some(w) = self.lock().get_mut(host_id) {
-            let u = &mut w.usage;
-            u.sandboxes = u.sandboxes.saturating_sub(1);
-            u.vcpus = u.vcpus.saturating_sub(need.vcpus);
-            u.memory_mib = u.memory_mib.saturating_sub(need.memory_mib);
-            u.disk_mib = u.disk_mib.saturating_sub(need.disk_mib);
+            w.load.remove(need);
         }
     }
 
     /// A fresh request id.
     pub fn next_request_id(&self) -> u64 {
         self.next_request.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(max_sandboxes: u32, used: u32, templates: &[&str]) -> Load {
+        Load {
+            capacity: Capacity {
+                vcpus: 8,
+                memory_mib: 8192,
+                disk_mib: 100_000,
+                max_sandboxes,
+            },
+            usage: Usage {
+                sandboxes: used,
+                vcpus: used,
+                memory_mib: u64::from(used) * 512,
+                disk_mib: u64::from(used) * 1024,
+            },
+            templates: templates.iter().map(|t| (*t).to_owned()).collect(),
+        }
+    }
+
+    const SMALL: Need = Need {
+        vcpus: 1,
+        memory_mib: 512,
+        disk_mib: 1024,
+    };
+
+    fn hosts(list: &[(&str, Load)]) -> Vec<(String, Load)> {
+        list.iter()
+            .map(|(id, l)| ((*id).to_owned(), l.clone()))
+            .collect()
+    }
+
+    fn choose(
+        list: &[(String, Load)],
+        template: &str,
+        need: Need,
+        exclude: &[String],
+    ) -> Result<String, PlacementError> {
+        pick(list.iter().map(|(id, l)| (id, l)), template, need, exclude).cloned()
+    }
+
+    #[test]
+    fn prefers_the_host_with_most_headroom_and_breaks_ties_by_id() {
+        let list = hosts(&[
+            ("a", load(4, 3, &["base"])),
+            ("b", load(4, 1, &["base"])),
+            ("c", load(4, 1, &["base"])),
+        ]);
+        assert_eq!(choose(&list, "base", SMALL, &[]).unwrap(), "b");
+        assert_eq!(choose(&list, "base", SMALL, &["b".into()]).unwrap(), "c");
+    }
+
+    #[test]
+    fn only_hosts_offering_the_template_count() {
+        let list = hosts(&[
+            ("a", load(4, 0, &["base"])),
+            ("b", load(4, 3, &["code-interpreter-v1"])),
+        ]);
+        assert_eq!(
+            choose(&list, "code-interpreter-v1", SMALL, &[]).unwrap(),
+            "b"
+        );
+        assert_eq!(
+            choose(&list, "gpu", SMALL, &[]),
+            Err(PlacementError::NoTemplateHost {
+                template: "gpu".into()
+            })
+        );
+        assert_eq!(
+            choose(&list, "base", SMALL, &["a".into()]),
+            Err(PlacementError::NoTemplateHost {
+                template: "base".into()
+            })
+        );
+    }
+
+    #[test]
+    fn every_dimension_of_capacity_is_checked() {
+        let full_slots = hosts(&[("a", load(2, 2, &["base"]))]);
+        assert!(matches!(
+            choose(&full_slots, "base", SMALL, &[]),
+            Err(PlacementError::NoCapacity { .. })
+        ));
+        let roomy = hosts(&[("a", load(64, 0, &["base"]))]);
+        for need in [
+            Need { vcpus: 9, ..SMALL },
+            Need {
+                memory_mib: 8193,
+                ..SMALL
+            },
+            Need {
+                disk_mib: 100_001,
+                ..SMALL
+            },
+        ] {
+            assert!(
+                matches!(
+                    choose(&roomy, "base", need, &[]),
+                    Err(PlacementError::NoCapacity { .. })
+                ),
+                "{need:?}"
+            );
+        }
+        let exact = Need {
+            vcpus: 8,
+            memory_mib: 8192,
+            disk_mib: 100_000,
+        };
+        assert_eq!(choose(&roomy, "base", exact, &[]).unwrap(), "a");
+    }
+
+    #[test]
+    fn reservations_add_and_release_without_underflow() {
+        let mut l = load(2, 0, &["base"]);
+        l.add(SMALL);
+        assert_eq!(l.usage.sandboxes, 1);
+        assert!(l.fits(SMALL));
+        l.add(SMALL);
+        assert!(!l.fits(SMALL));
+        l.remove(SMALL);
+        l.remove(SMALL);
+        l.remove(SMALL);
+        assert_eq!(l.usage, Usage::default());
     }
 }
