@@ -12,6 +12,7 @@
 pub mod connection;
 mod device;
 mod event_handler;
+mod host_connect;
 pub mod muxer;
 pub mod packet;
 mod persist;

@@ -27,8 +27,9 @@ use vm_memory::bitmap::BitmapSlice;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::Connection;
+use super::host_connect::connect_nonblocking;
 use super::packet::{HOST_CID, Header, TYPE_STREAM, op};
-use crate::devices::virtio::ratelimit::guest_warn;
+use crate::devices::virtio::ratelimit::{guest_debug, guest_warn};
 
 /// Most connections (plus pending handshakes) per VM; more are refused.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -447,19 +448,18 @@ impl Muxer {
             return;
         }
         let path = host_listener_path(&self.uds_path, request.dst_port);
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(&path) {
             Ok(stream) => stream,
             Err(err) => {
-                tracing::debug!(%err, port = request.dst_port, "vsock: no host listener; refusing");
+                guest_debug!(
+                    %err,
+                    port = request.dst_port,
+                    "vsock: host listener missing or busy; refusing"
+                );
                 self.push_control(Header::rst_reply(request));
                 return;
             }
         };
-        if let Err(err) = stream.set_nonblocking(true) {
-            tracing::warn!(%err, "vsock: cannot make a host stream non-blocking");
-            self.push_control(Header::rst_reply(request));
-            return;
-        }
         self.insert(Connection::guest_initiated(stream, request));
     }
 
