@@ -48,11 +48,7 @@ pub async fn serve(io: Box<dyn Io>) {
         Operation::WriteFile(write) => files::write(write, &mut conn).await,
     };
     match result {
-        // Flush and shut the write side down, so the client reads everything before the end
-        // (closing outright could reset the stream and drop what is still in flight).
-        Ok(()) => {
-            let _ = SinkExt::<Frame<AgentMessage>>::close(&mut conn).await;
-        }
+        Ok(()) => linger(conn).await,
         Err(reply) => fail(conn, reply).await,
     }
 }
@@ -85,12 +81,14 @@ pub async fn fail(mut conn: Conn, reply: ErrorReply) {
     }
 }
 
-/// Closes after an error without losing the error frame: closing a socket with unread input
-/// (say, the rest of an oversized frame) can reset the connection and discard what the client
-/// has not read yet. So shut the write side and discard input for a moment first.
+/// Ends a connection without losing its last frames: shut the write side down, then wait
+/// (bounded) for the client to close its side before closing ours. Closing outright can reset
+/// the stream and discard what the client has not read yet: with unread input (the rest of an
+/// oversized frame, stdin nobody read) a socket close turns into a reset, and the VMM's vsock
+/// muxer closes the host stream as soon as the guest socket is closed.
 async fn linger(conn: Conn) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
     let mut io = conn.into_inner();
     if io.shutdown().await.is_err() {
         return;

@@ -16,6 +16,7 @@ mod connection;
 mod exec;
 mod files;
 mod forward;
+mod loopback;
 mod status;
 mod transport;
 
@@ -39,8 +40,15 @@ pub struct Endpoints {
 }
 
 /// Starts the channel on its own thread (PID 1: init's loop stays on the main thread and
-/// reaps). Failures are reported on the console; the guest keeps running without a channel.
+/// reaps). In a VM (vsock) it first brings up the loopback interface that port forwarding
+/// connects through. Failures are reported on the console; the guest keeps running without a
+/// channel.
 pub fn spawn(endpoints: Endpoints) {
+    if matches!(endpoints.listen, Listen::Vsock { .. })
+        && let Err(e) = loopback::bring_up()
+    {
+        say!("cannot bring up lo (port forwarding will fail): {e}");
+    }
     let started = std::thread::Builder::new()
         .name("channel".into())
         .spawn(move || {
