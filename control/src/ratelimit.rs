@@ -1,10 +1,15 @@
 //! Request budgets per credential (API key or user) and per team, with governor's GCRA.
 //!
 //! Both budgets are checked on every authenticated request; the first one exhausted answers
-//! 429 with how long to wait. State is in process memory: with several control instances each
-//! enforces its own share (shared windows through Redis are a later step).
+//! 429 with how long to wait. State is in process memory, unless [`shared::SharedWindows`]
+//! (Redis) is configured: then every control instance spends from the same windows. If Redis
+//! fails or is slow, the check falls back to the local windows (each instance then enforces its
+//! own share) rather than failing requests or letting them through unchecked.
+
+pub mod shared;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -55,23 +60,76 @@ pub struct Exceeded {
 
 #[derive(Debug)]
 pub struct RateLimits {
+    limits: Limits,
     credential: DefaultKeyedRateLimiter<String>,
     team: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
+    shared: Option<shared::SharedWindows>,
+    /// Redis failures seen, to log only the first of every burst of them.
+    shared_failures: AtomicU64,
 }
 
 impl RateLimits {
     pub fn new(limits: Limits) -> Self {
         Self {
+            limits,
             credential: RateLimiter::keyed(limits.per_credential.quota()),
             team: RateLimiter::keyed(limits.per_team.quota()),
             clock: DefaultClock::default(),
+            shared: None,
+            shared_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Spends from windows shared with other instances when `shared` is given.
+    pub fn with_shared(mut self, shared: Option<shared::SharedWindows>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// Spends one request of `credential`'s and `team`'s budgets (the team's only if the
     /// credential's allows it, so a throttled key does not drain its team).
-    pub fn check(&self, credential: &str, team: Option<&str>) -> Result<(), Exceeded> {
+    pub async fn check(&self, credential: &str, team: Option<&str>) -> Result<(), Exceeded> {
+        if let Some(shared) = &self.shared {
+            let outcome = async {
+                shared
+                    .check("cred", credential, self.limits.per_credential)
+                    .await??;
+                if let Some(team) = team {
+                    shared.check("team", team, self.limits.per_team).await??;
+                }
+                Ok::<_, SharedOutcome>(())
+            }
+            .await;
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(SharedOutcome::Exceeded(e)) => return Err(e),
+                Err(SharedOutcome::Unavailable(e)) => self.shared_failed(&e),
+            }
+        }
+        self.check_local(credential, team)
+    }
+
+    /// Spends one request of `team`'s budget only (the credential was charged already).
+    pub async fn check_team(&self, team: &str) -> Result<(), Exceeded> {
+        if let Some(shared) = &self.shared {
+            match shared.check("team", team, self.limits.per_team).await {
+                Ok(result) => return result,
+                Err(e) => self.shared_failed(&e),
+            }
+        }
+        self.check_team_local(team)
+    }
+
+    fn shared_failed(&self, error: &shared::SharedError) {
+        let n = self.shared_failures.fetch_add(1, Ordering::Relaxed);
+        // Log the 1st, 2nd, 4th, 8th... failure: visible, but no flood while Redis is down.
+        if n.is_power_of_two() || n == 0 {
+            tracing::warn!(error = %error, failures = n + 1, "shared rate limits unavailable; using local windows");
+        }
+    }
+
+    fn check_local(&self, credential: &str, team: Option<&str>) -> Result<(), Exceeded> {
         let now = self.clock.now();
         self.credential
             .check_key(&credential.to_owned())
@@ -88,8 +146,7 @@ impl RateLimits {
         Ok(())
     }
 
-    /// Spends one request of `team`'s budget only (the credential was charged already).
-    pub fn check_team(&self, team: &str) -> Result<(), Exceeded> {
+    fn check_team_local(&self, team: &str) -> Result<(), Exceeded> {
         let now = self.clock.now();
         self.team.check_key(&team.to_owned()).map_err(|n| Exceeded {
             retry_after: n.wait_time_from(now),
@@ -100,6 +157,24 @@ impl RateLimits {
     pub fn shrink(&self) {
         self.credential.retain_recent();
         self.team.retain_recent();
+    }
+}
+
+/// A shared check that did not pass, either way.
+enum SharedOutcome {
+    Exceeded(Exceeded),
+    Unavailable(shared::SharedError),
+}
+
+impl From<Exceeded> for SharedOutcome {
+    fn from(e: Exceeded) -> Self {
+        Self::Exceeded(e)
+    }
+}
+
+impl From<shared::SharedError> for SharedOutcome {
+    fn from(e: shared::SharedError) -> Self {
+        Self::Unavailable(e)
     }
 }
 
@@ -121,24 +196,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn credential_budget_runs_out_and_reports_a_wait() {
+    #[tokio::test]
+    async fn credential_budget_runs_out_and_reports_a_wait() {
         let limits = RateLimits::new(tight());
-        assert!(limits.check("k1", None).is_ok());
-        assert!(limits.check("k1", None).is_ok());
-        let err = limits.check("k1", None).unwrap_err();
+        assert!(limits.check("k1", None).await.is_ok());
+        assert!(limits.check("k1", None).await.is_ok());
+        let err = limits.check("k1", None).await.unwrap_err();
         assert!(err.retry_after > Duration::ZERO && err.retry_after <= Duration::from_secs(1));
         // Another credential has its own budget.
-        assert!(limits.check("k2", None).is_ok());
+        assert!(limits.check("k2", None).await.is_ok());
     }
 
-    #[test]
-    fn team_budget_is_shared_by_its_credentials() {
+    #[tokio::test]
+    async fn team_budget_is_shared_by_its_credentials() {
         let limits = RateLimits::new(tight());
-        assert!(limits.check("a", Some("t")).is_ok());
-        assert!(limits.check("b", Some("t")).is_ok());
-        assert!(limits.check("c", Some("t")).is_ok());
-        assert!(limits.check("d", Some("t")).is_err());
-        assert!(limits.check("e", Some("other")).is_ok());
+        assert!(limits.check("a", Some("t")).await.is_ok());
+        assert!(limits.check("b", Some("t")).await.is_ok());
+        assert!(limits.check("c", Some("t")).await.is_ok());
+        assert!(limits.check("d", Some("t")).await.is_err());
+        assert!(limits.check("e", Some("other")).await.is_ok());
+        assert!(limits.check_team("other").await.is_ok());
     }
 }

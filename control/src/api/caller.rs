@@ -58,7 +58,7 @@ impl Caller {
                 "this needs the {min} role in the team"
             )));
         }
-        state.limits.check_team(team_id)?;
+        state.limits.check_team(team_id).await?;
         Ok(role)
     }
 }
@@ -81,7 +81,7 @@ async fn api_key_caller(state: &AppState, secret: &str) -> Result<Caller, ApiErr
     let key = api_keys::active_by_hash(state.db(), &api_key::digest(secret))
         .await?
         .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
-    state.limits.check(&key.id, Some(&key.team_id))?;
+    state.limits.check(&key.id, Some(&key.team_id)).await?;
     api_keys::touch(state.db(), &key.id, now_ms()).await?;
     Ok(Caller::ApiKey {
         key_id: key.id,
@@ -118,7 +118,7 @@ impl FromRequestParts<AppState> for Caller {
                 "session token is invalid or expired",
             ));
         }
-        state.limits.check(&claims.sub, None)?;
+        state.limits.check(&claims.sub, None).await?;
         Ok(Caller::User {
             user_id: claims.sub,
         })
@@ -169,7 +169,7 @@ impl FromRequestParts<AppState> for TeamScope {
                 {
                     return Err(ApiError::forbidden("not a member of this team"));
                 }
-                state.limits.check_team(&team_id)?;
+                state.limits.check_team(&team_id).await?;
                 team_id
             }
         };

@@ -45,6 +45,9 @@ pub struct Config {
     /// Domain reported to E2B clients (`domain` in sandbox responses); `None` lets the SDK use
     /// its own configured domain.
     pub sandbox_domain: Option<String>,
+    /// Rate-limit windows shared with other control instances (Redis); `None` keeps them in
+    /// this process.
+    pub shared_limits: Option<crate::ratelimit::shared::SharedWindows>,
 }
 
 impl std::fmt::Debug for Config {
@@ -55,6 +58,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("sandbox_domain", &self.sandbox_domain)
+            .field("shared_limits", &self.shared_limits)
             .finish_non_exhaustive()
     }
 }
@@ -69,6 +73,7 @@ impl Config {
             limits: Limits::default(),
             max_body_bytes: 256 * 1024,
             sandbox_domain: None,
+            shared_limits: None,
         }
     }
 }
@@ -107,7 +112,7 @@ impl AppState {
     ) -> Self {
         Self(Arc::new(Inner {
             sessions: SessionKeys::new(&config.session_secret, config.session_ttl),
-            limits: RateLimits::new(config.limits),
+            limits: RateLimits::new(config.limits).with_shared(config.shared_limits.clone()),
             sandboxes,
             config,
             workers,

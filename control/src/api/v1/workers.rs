@@ -170,7 +170,7 @@ pub async fn register(
     Json(req): Json<RegisterWorker>,
 ) -> Result<(StatusCode, axum::Json<RegisteredWorker>), ApiError> {
     // Unauthenticated route: one shared budget keeps token guessing slow.
-    state.limits.check("worker-registration", None)?;
+    state.limits.check("worker-registration", None).await?;
     let reg = registration(&state)?;
     if req.csr.len() > MAX_CSR_LEN {
         return Err(ApiError::bad_request("csr is too large"));
