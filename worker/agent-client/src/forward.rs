@@ -67,7 +67,7 @@ impl AgentClient {
                         Ok(mut guest) => {
                             let _ = tokio::io::copy_bidirectional(&mut tcp, &mut guest).await;
                         }
-                        Err(e) => tracing::debug!(port, error = %e, "cannot forward"),
+                        Err(e) => tracing::warn!(port, "cannot forward a connection: {e}"),
                     }
                 });
             }
