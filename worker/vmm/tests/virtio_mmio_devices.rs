@@ -14,7 +14,7 @@ use roost_vmm::devices::virtio::{
 };
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::mock::DescriptorTable;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -49,12 +49,42 @@ const VRING_DESC_F_WRITE: u16 = 2;
 
 type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
+/// One split queue as the driver lays it out (descriptors written through virtio-queue's mock
+/// `DescriptorTable`; its `MockSplitQueue` layout overlaps the rings, so it is not used).
+struct Ring<'a> {
+    desc: DescriptorTable<'a, GuestMemoryMmap>,
+    desc_addr: u64,
+    avail_addr: u64,
+    used_addr: u64,
+    size: u16,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl<'a> Ring<'a> {
+    fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let avail_addr = base + 16 * u64::from(size);
+        let used_addr = (avail_addr + 6 + 2 * u64::from(size) + 3) & !3;
+        let end = used_addr + 6 + 8 * u64::from(size);
+        let zeros = vec![0u8; usize::try_from(end - avail_addr).unwrap()];
+        mem.write_slice(&zeros, GuestAddress(avail_addr)).unwrap();
+        Self {
+            desc: DescriptorTable::new(mem, GuestAddress(base), size),
+            desc_addr: base,
+            avail_addr,
+            used_addr,
+            size,
+            next_desc: 0,
+            avail_idx: 0,
+        }
+    }
+}
+
 /// The guest driver's view of one device.
 struct Driver<'a> {
     mem: &'a GuestMemoryMmap,
     transport: MmioTransport,
-    queues: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
-    next_desc: Vec<u16>,
+    queues: Vec<Ring<'a>>,
 }
 
 impl<'a> Driver<'a> {
@@ -65,7 +95,6 @@ impl<'a> Driver<'a> {
             mem,
             transport,
             queues: Vec::new(),
-            next_desc: Vec::new(),
         }
     }
 
@@ -110,7 +139,6 @@ impl<'a> Driver<'a> {
             "device refused the features"
         );
         self.queues.clear();
-        self.next_desc.clear();
         let mut index = 0u32;
         loop {
             self.write(QUEUE_SEL, index);
@@ -119,19 +147,18 @@ impl<'a> Driver<'a> {
                 break;
             }
             let base = 0x1_0000 * u64::from(index);
-            let queue = MockSplitQueue::create(self.mem, GuestAddress(base), size);
+            let ring = Ring::new(self.mem, base, size);
             self.write(QUEUE_NUM, u32::from(size));
             for (reg, addr) in [
-                (QUEUE_DESC_LOW, queue.desc_table_addr()),
-                (QUEUE_AVAIL_LOW, queue.avail_addr()),
-                (QUEUE_USED_LOW, queue.used_addr()),
+                (QUEUE_DESC_LOW, ring.desc_addr),
+                (QUEUE_AVAIL_LOW, ring.avail_addr),
+                (QUEUE_USED_LOW, ring.used_addr),
             ] {
-                self.write(reg, u32::try_from(addr.0).unwrap());
+                self.write(reg, u32::try_from(addr).unwrap());
                 self.write(reg + 4, 0);
             }
             self.write(QUEUE_READY, 1);
-            self.queues.push(queue);
-            self.next_desc.push(0);
+            self.queues.push(ring);
             index += 1;
         }
         self.write(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
@@ -140,37 +167,39 @@ impl<'a> Driver<'a> {
 
     /// Makes a chain of (address, length, device-writable) buffers available and notifies.
     fn submit(&mut self, queue: usize, bufs: &[(u64, u32, bool)]) {
-        let first = self.next_desc[queue];
+        let ring = &mut self.queues[queue];
+        let first = ring.next_desc;
         let n = u16::try_from(bufs.len()).unwrap();
-        let descs: Vec<RawDescriptor> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, writable))| {
-                let i = u16::try_from(i).unwrap();
-                let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-                if i + 1 < n {
-                    flags |= VRING_DESC_F_NEXT;
-                }
-                RawDescriptor::from(Descriptor::new(addr, len, flags, first + i + 1))
-            })
-            .collect();
-        self.queues[queue].add_desc_chains(&descs, first).unwrap();
-        self.next_desc[queue] += n;
+        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+            if i + 1 < n {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            let desc = Descriptor::new(addr, len, flags, first + i + 1);
+            ring.desc
+                .store(first + i, RawDescriptor::from(desc))
+                .unwrap();
+        }
+        ring.next_desc += n;
+        let slot = ring.avail_addr + 4 + 2 * u64::from(ring.avail_idx % ring.size);
+        self.mem.write_obj(first, GuestAddress(slot)).unwrap();
+        ring.avail_idx += 1;
+        self.mem
+            .write_obj(ring.avail_idx, GuestAddress(ring.avail_addr + 2))
+            .unwrap();
         self.write(QUEUE_NOTIFY, u32::try_from(queue).unwrap());
     }
 
     fn used_count(&self, queue: usize) -> u16 {
-        self.queues[queue].used().idx().load()
+        let ring = &self.queues[queue];
+        self.mem.read_obj(GuestAddress(ring.used_addr + 2)).unwrap()
     }
 
     fn used_len(&self, queue: usize, index: u16) -> u32 {
-        self.queues[queue]
-            .used()
-            .ring()
-            .ref_at(usize::from(index))
-            .unwrap()
-            .load()
-            .len()
+        let ring = &self.queues[queue];
+        let elem = ring.used_addr + 4 + 8 * u64::from(index % ring.size) + 4;
+        self.mem.read_obj(GuestAddress(elem)).unwrap()
     }
 }
 

@@ -19,6 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::FEATURE_EVENT_IDX;
 use super::device::{Activation, VirtioDevice};
 use super::interrupt::{InterruptKind, VirtioInterrupt};
 use super::persist::QueueSnapshot;
@@ -326,14 +327,16 @@ impl MmioTransport {
             self.needs_reset();
             return;
         }
+        let event_idx = lock(&self.device).acked_features() & FEATURE_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         let mut queue_evts = Vec::with_capacity(self.queue_evts.len());
         for (queue, evt) in self.queues.iter().zip(&self.queue_evts) {
             // A validated queue round-trips through its state without error.
-            let Ok(copy) = Queue::try_from(queue.state()) else {
+            let Ok(mut copy) = Queue::try_from(queue.state()) else {
                 self.needs_reset();
                 return;
             };
+            copy.set_event_idx(event_idx);
             let Ok(evt) = evt.try_clone() else {
                 tracing::error!("virtio-mmio: cannot duplicate a queue eventfd");
                 self.needs_reset();

@@ -16,6 +16,7 @@ pub mod interrupt;
 pub mod lifecycle;
 pub mod mmio;
 pub mod persist;
+pub mod queue_drain;
 pub(crate) mod ratelimit;
 pub mod rng;
 #[cfg(test)]
@@ -44,6 +45,8 @@ pub fn rng() -> Result<Arc<Mutex<Rng>>, RngError> {
 
 /// `VIRTIO_F_VERSION_1` as a feature mask: every device offers it (modern transport only).
 pub const FEATURE_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// `VIRTIO_RING_F_EVENT_IDX` as a feature mask: every device offers it (see `queue_drain`).
+pub const FEATURE_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// A new vsock device for the VM core's builder; listens on `cfg.uds_path` right away.
 pub fn vsock(cfg: VsockConfig) -> Result<Arc<Mutex<Vsock>>, VsockError> {

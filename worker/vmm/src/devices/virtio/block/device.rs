@@ -7,14 +7,13 @@ use std::path::PathBuf;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::QueueT;
 
 use super::request;
-use crate::devices::virtio::FEATURE_VERSION_1;
 use crate::devices::virtio::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
-use crate::devices::virtio::interrupt::InterruptKind;
 use crate::devices::virtio::lifecycle::DeviceLifecycle;
+use crate::devices::virtio::queue_drain::drain_queue;
 use crate::devices::virtio::ratelimit::guest_warn;
+use crate::devices::virtio::{FEATURE_EVENT_IDX, FEATURE_VERSION_1};
 
 /// Bytes per virtio-blk sector (fixed by the specification).
 pub const SECTOR_SIZE: u64 = 512;
@@ -159,23 +158,10 @@ impl Block {
         else {
             return;
         };
-        let queue = &mut queues[0];
-        let mut completed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let used_len = request::execute(&self.disk, mem, chain);
-            if let Err(err) = queue.add_used(&*mem, head, used_len) {
-                guest_warn!(%err, "virtio-blk: cannot return a request to the used ring");
-                break;
-            }
-            completed = true;
-        }
-        if completed
-            && queue.needs_notification(&*mem).unwrap_or(true)
-            && let Err(err) = interrupt.trigger(InterruptKind::UsedRing)
-        {
-            tracing::error!(%err, "virtio-blk: cannot raise the interrupt");
-        }
+        let disk = &self.disk;
+        drain_queue(&mut queues[0], mem, interrupt, |chain| {
+            request::execute(disk, mem, chain)
+        });
     }
 }
 
@@ -198,7 +184,7 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut features = FEATURE_VERSION_1 | (1 << VIRTIO_BLK_F_FLUSH);
+        let mut features = FEATURE_VERSION_1 | FEATURE_EVENT_IDX | (1 << VIRTIO_BLK_F_FLUSH);
         if self.disk.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }

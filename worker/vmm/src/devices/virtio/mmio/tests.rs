@@ -1,6 +1,7 @@
 //! Register-level tests of the virtio-mmio transport with a recording test device.
 
 use super::*;
+use crate::devices::virtio::FEATURE_EVENT_IDX;
 use crate::devices::virtio::device::ActivateError;
 use vm_memory::GuestAddress;
 
@@ -15,6 +16,7 @@ struct RecordingDevice {
     resets: usize,
     active: bool,
     activated_queue_sizes: Vec<u16>,
+    activated_event_idx: Vec<bool>,
 }
 
 impl VirtioDevice for RecordingDevice {
@@ -25,7 +27,7 @@ impl VirtioDevice for RecordingDevice {
         &[16, 8]
     }
     fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | FEATURE_TEST
+        (1 << VIRTIO_F_VERSION_1) | FEATURE_TEST | FEATURE_EVENT_IDX
     }
     fn acked_features(&self) -> u64 {
         self.acked
@@ -44,6 +46,11 @@ impl VirtioDevice for RecordingDevice {
         self.activations += 1;
         self.active = true;
         self.activated_queue_sizes = activation.queues.iter().map(|q| q.size()).collect();
+        self.activated_event_idx = activation
+            .queues
+            .iter()
+            .map(|q| q.event_idx_enabled())
+            .collect();
         Ok(())
     }
     fn is_activated(&self) -> bool {
@@ -134,7 +141,7 @@ fn device_features_are_paged_by_the_selector() {
     let mut f = fixture();
     let t = &mut f.transport;
     write32(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-    assert_eq!(read32(t, VIRTIO_MMIO_DEVICE_FEATURES), 1 << 3);
+    assert_eq!(read32(t, VIRTIO_MMIO_DEVICE_FEATURES), (1 << 3) | (1 << 29));
     write32(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
     assert_eq!(read32(t, VIRTIO_MMIO_DEVICE_FEATURES), 1);
     write32(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7);
@@ -160,7 +167,7 @@ fn driver_features_are_masked_and_need_the_driver_state() {
     write32(&mut f.transport, VIRTIO_MMIO_DRIVER_FEATURES, 0xffff_ffff);
     assert_eq!(
         f.device.lock().unwrap().acked,
-        FEATURE_TEST,
+        FEATURE_TEST | FEATURE_EVENT_IDX,
         "unoffered bits dropped"
     );
 }
@@ -208,6 +215,11 @@ fn queue_registers_need_features_ok_and_activation_hands_queues_over() {
     let device = f.device.lock().unwrap();
     assert_eq!(device.activations, 1);
     assert_eq!(device.activated_queue_sizes, vec![16, 4]);
+    assert_eq!(
+        device.activated_event_idx,
+        vec![false, false],
+        "EVENT_IDX not acked"
+    );
 }
 
 #[test]
@@ -351,4 +363,39 @@ fn odd_sized_register_accesses_are_ignored() {
     // Far out of range offsets neither panic nor change anything.
     f.transport.write(u64::MAX, &[1, 2, 3, 4]);
     f.transport.read(0xfc0, &mut [0u8; 4]);
+}
+
+#[test]
+fn acked_event_idx_reaches_the_activated_queues() {
+    let mut f = fixture();
+    negotiate(&mut f.transport);
+    // `negotiate` acked VERSION_1 and FEATURE_TEST; add EVENT_IDX (bit 29) before FEATURES_OK
+    // by renegotiating from scratch.
+    write32(&mut f.transport, VIRTIO_MMIO_STATUS, 0);
+    write32(
+        &mut f.transport,
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    );
+    write32(
+        &mut f.transport,
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+    );
+    write32(&mut f.transport, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    write32(&mut f.transport, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+    write32(&mut f.transport, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    write32(&mut f.transport, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 29);
+    write32(
+        &mut f.transport,
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+    );
+    setup_queue(&mut f.transport, 0, 16, 0x1_0000);
+    setup_queue(&mut f.transport, 1, 8, 0x2_0000);
+    write32(&mut f.transport, VIRTIO_MMIO_STATUS, ALL_OK);
+    assert_eq!(
+        f.device.lock().unwrap().activated_event_idx,
+        vec![true, true]
+    );
 }

@@ -3,14 +3,14 @@
 use std::io::Write;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
-use crate::devices::virtio::FEATURE_VERSION_1;
 use crate::devices::virtio::device::{ActivateError, Activation, VirtioDevice};
-use crate::devices::virtio::interrupt::InterruptKind;
 use crate::devices::virtio::lifecycle::DeviceLifecycle;
+use crate::devices::virtio::queue_drain::drain_queue;
 use crate::devices::virtio::ratelimit::guest_warn;
+use crate::devices::virtio::{FEATURE_EVENT_IDX, FEATURE_VERSION_1};
 
 /// Queue size offered to the driver.
 const QUEUE_SIZE: u16 = 256;
@@ -52,23 +52,9 @@ impl Rng {
         else {
             return;
         };
-        let queue = &mut queues[0];
-        let mut completed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let written = fill_with_entropy(mem, chain);
-            if let Err(err) = queue.add_used(&*mem, head, written) {
-                guest_warn!(%err, "virtio-rng: cannot return a buffer to the used ring");
-                break;
-            }
-            completed = true;
-        }
-        if completed
-            && queue.needs_notification(&*mem).unwrap_or(true)
-            && let Err(err) = interrupt.trigger(InterruptKind::UsedRing)
-        {
-            tracing::error!(%err, "virtio-rng: cannot raise the interrupt");
-        }
+        drain_queue(&mut queues[0], mem, interrupt, |chain| {
+            fill_with_entropy(mem, chain)
+        });
     }
 }
 
@@ -105,7 +91,7 @@ impl VirtioDevice for Rng {
     }
 
     fn avail_features(&self) -> u64 {
-        FEATURE_VERSION_1
+        FEATURE_VERSION_1 | FEATURE_EVENT_IDX
     }
 
     fn acked_features(&self) -> u64 {

@@ -9,11 +9,11 @@ use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 
 use super::muxer::{Muxer, MuxerError};
 use super::packet::{HOST_CID, Header};
-use crate::devices::virtio::FEATURE_VERSION_1;
 use crate::devices::virtio::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
-use crate::devices::virtio::interrupt::InterruptKind;
 use crate::devices::virtio::lifecycle::DeviceLifecycle;
+use crate::devices::virtio::queue_drain::{drain_queue, notify_used};
 use crate::devices::virtio::ratelimit::{guest_debug, guest_warn};
+use crate::devices::virtio::{FEATURE_EVENT_IDX, FEATURE_VERSION_1};
 
 /// Queue indices.
 pub(super) const RXQ: usize = 0;
@@ -86,10 +86,8 @@ impl Vsock {
         else {
             return;
         };
-        let txq = &mut queues[TXQ];
-        let mut completed = false;
-        while let Some(mut chain) = txq.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
+        let muxer = &mut self.muxer;
+        drain_queue(&mut queues[TXQ], mem, interrupt, |mut chain| {
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => {
                     let hdr = Header::from_packet(&pkt);
@@ -100,25 +98,16 @@ impl Vsock {
                         len = hdr.len,
                         "vsock: packet from the guest"
                     );
-                    self.muxer.on_guest_packet(&hdr, pkt.data_slice());
+                    muxer.on_guest_packet(&hdr, pkt.data_slice());
                 }
                 Err(err) => guest_warn!(%err, "vsock: malformed tx packet dropped"),
             }
-            if let Err(err) = txq.add_used(&*mem, head, 0) {
-                guest_warn!(%err, "vsock: cannot return a tx buffer");
-                break;
-            }
-            completed = true;
-        }
-        if completed
-            && txq.needs_notification(&*mem).unwrap_or(true)
-            && let Err(err) = interrupt.trigger(InterruptKind::UsedRing)
-        {
-            tracing::error!(%err, "vsock: cannot raise the interrupt");
-        }
+            0
+        });
     }
 
-    /// Fills rx buffers with whatever the muxer has for the guest.
+    /// Fills rx buffers with whatever the muxer has for the guest. When the guest's buffers run
+    /// out first, notifications are re-enabled so its next buffer kicks the device.
     pub(super) fn process_rx(&mut self) {
         let Some(Activation {
             mem,
@@ -131,8 +120,19 @@ impl Vsock {
         };
         let rxq = &mut queues[RXQ];
         let mut completed = false;
+        let mut rechecked = false;
         while self.muxer.has_rx() {
             let Some(mut chain) = rxq.pop_descriptor_chain(&*mem) else {
+                // Starved: ask for a kick on the next buffer; re-check once for a buffer that
+                // raced with that request.
+                match rxq.enable_notification(&*mem) {
+                    Ok(true) if !rechecked => {
+                        rechecked = true;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(err) => guest_warn!(%err, "vsock: cannot enable rx notifications"),
+                }
                 break;
             };
             let head = chain.head_index();
@@ -167,12 +167,7 @@ impl Vsock {
             }
             completed = true;
         }
-        if completed
-            && rxq.needs_notification(&*mem).unwrap_or(true)
-            && let Err(err) = interrupt.trigger(InterruptKind::UsedRing)
-        {
-            tracing::error!(%err, "vsock: cannot raise the interrupt");
-        }
+        notify_used(rxq, mem, interrupt, completed);
     }
 }
 
@@ -186,7 +181,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        FEATURE_VERSION_1
+        FEATURE_VERSION_1 | FEATURE_EVENT_IDX
     }
 
     fn acked_features(&self) -> u64 {
