@@ -89,6 +89,8 @@ impl Disk {
 pub struct Block {
     pub(super) config: BlockConfig,
     pub(super) disk: Disk,
+    /// Bounce buffer between the image and guest memory (one request at a time).
+    pub(super) bounce: Vec<u8>,
     pub(super) acked_features: u64,
     pub(super) lifecycle: DeviceLifecycle,
 }
@@ -137,6 +139,7 @@ impl Block {
         Ok(Self {
             config,
             disk,
+            bounce: vec![0u8; request::CHUNK],
             acked_features: 0,
             lifecycle: DeviceLifecycle::new().map_err(BlockError::EventFd)?,
         })
@@ -158,9 +161,9 @@ impl Block {
         else {
             return;
         };
-        let disk = &self.disk;
+        let (disk, bounce) = (&self.disk, &mut self.bounce);
         drain_queue(&mut queues[0], mem, interrupt, |chain| {
-            request::execute(disk, mem, chain)
+            request::execute(disk, bounce, mem, chain)
         });
     }
 }

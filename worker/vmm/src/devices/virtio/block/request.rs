@@ -1,6 +1,7 @@
 //! One virtio-blk request: parse the header from the descriptor chain, check it against the
 //! disk, do the I/O, write the status byte. Every length and sector comes from the guest and
-//! is checked with overflow-safe arithmetic before touching the file.
+//! is checked with overflow-safe arithmetic before touching the file. Data moves through the
+//! device's bounce buffer (allocated once, so steady-state I/O does not allocate).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -18,7 +19,7 @@ use crate::devices::virtio::ratelimit::guest_warn;
 /// Size of the request header (`struct virtio_blk_outhdr`: type, ioprio, sector).
 const HEADER_LEN: usize = 16;
 /// Bounce-buffer size for copying between the file and guest memory.
-const CHUNK: usize = 64 * 1024;
+pub const CHUNK: usize = 64 * 1024;
 /// Length of a GET_ID answer.
 const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
@@ -45,6 +46,7 @@ impl Status {
 /// status), the length for the used ring. A malformed chain without a status byte gets 0.
 pub fn execute(
     disk: &Disk,
+    bounce: &mut [u8],
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
@@ -66,7 +68,7 @@ pub fn execute(
             return 0;
         }
     };
-    let status = serve(disk, &mut reader, &mut writer);
+    let status = serve(disk, bounce, &mut reader, &mut writer);
     let data_written = writer.bytes_written();
     if let Err(err) = status_writer.write_all(&[status.byte()]) {
         guest_warn!(%err, "virtio-blk: cannot write the status byte");
@@ -75,7 +77,12 @@ pub fn execute(
     u32::try_from(data_written.saturating_add(1)).unwrap_or(u32::MAX)
 }
 
-fn serve(disk: &Disk, reader: &mut Reader<'_>, writer: &mut Writer<'_>) -> Status {
+fn serve(
+    disk: &Disk,
+    bounce: &mut [u8],
+    reader: &mut Reader<'_>,
+    writer: &mut Writer<'_>,
+) -> Status {
     let mut header = [0u8; HEADER_LEN];
     if reader.read_exact(&mut header).is_err() {
         guest_warn!("virtio-blk: request header too short");
@@ -86,8 +93,8 @@ fn serve(disk: &Disk, reader: &mut Reader<'_>, writer: &mut Writer<'_>) -> Statu
     sector_bytes.copy_from_slice(&header[8..16]);
     let sector = u64::from_le_bytes(sector_bytes);
     match request_type {
-        VIRTIO_BLK_T_IN => read_sectors(disk, sector, writer),
-        VIRTIO_BLK_T_OUT => write_sectors(disk, sector, reader),
+        VIRTIO_BLK_T_IN => read_sectors(disk, bounce, sector, writer),
+        VIRTIO_BLK_T_OUT => write_sectors(disk, bounce, sector, reader),
         VIRTIO_BLK_T_FLUSH => flush(disk),
         VIRTIO_BLK_T_GET_ID => write_id(disk, writer),
         other => {
@@ -118,15 +125,14 @@ fn checked_range(disk: &Disk, sector: u64, len: usize) -> Option<u64> {
     Some(offset)
 }
 
-fn read_sectors(disk: &Disk, sector: u64, writer: &mut Writer<'_>) -> Status {
+fn read_sectors(disk: &Disk, buf: &mut [u8], sector: u64, writer: &mut Writer<'_>) -> Status {
     let len = writer.available_bytes();
     let Some(mut offset) = checked_range(disk, sector, len) else {
         return Status::IoErr;
     };
-    let mut buf = vec![0u8; CHUNK.min(len)];
     let mut remaining = len;
     while remaining > 0 {
-        let n = remaining.min(CHUNK);
+        let n = remaining.min(buf.len());
         if let Err(err) = disk.file().read_exact_at(&mut buf[..n], offset) {
             tracing::error!(%err, offset, "virtio-blk: image read failed");
             return Status::IoErr;
@@ -141,7 +147,7 @@ fn read_sectors(disk: &Disk, sector: u64, writer: &mut Writer<'_>) -> Status {
     Status::Ok
 }
 
-fn write_sectors(disk: &Disk, sector: u64, reader: &mut Reader<'_>) -> Status {
+fn write_sectors(disk: &Disk, buf: &mut [u8], sector: u64, reader: &mut Reader<'_>) -> Status {
     if disk.read_only() {
         guest_warn!("virtio-blk: write to a read-only disk refused");
         return Status::IoErr;
@@ -150,10 +156,9 @@ fn write_sectors(disk: &Disk, sector: u64, reader: &mut Reader<'_>) -> Status {
     let Some(mut offset) = checked_range(disk, sector, len) else {
         return Status::IoErr;
     };
-    let mut buf = vec![0u8; CHUNK.min(len)];
     let mut remaining = len;
     while remaining > 0 {
-        let n = remaining.min(CHUNK);
+        let n = remaining.min(buf.len());
         if let Err(err) = reader.read_exact(&mut buf[..n]) {
             guest_warn!(%err, "virtio-blk: cannot read guest memory");
             return Status::IoErr;

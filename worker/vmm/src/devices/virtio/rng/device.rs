@@ -30,6 +30,8 @@ pub enum RngError {
 pub struct Rng {
     pub(super) acked_features: u64,
     pub(super) lifecycle: DeviceLifecycle,
+    /// Entropy staging buffer (allocated once, so serving requests does not allocate).
+    scratch: Vec<u8>,
 }
 
 impl Rng {
@@ -38,6 +40,7 @@ impl Rng {
         Ok(Self {
             acked_features: 0,
             lifecycle: DeviceLifecycle::new().map_err(RngError::EventFd)?,
+            scratch: vec![0u8; MAX_REQUEST_BYTES],
         })
     }
 
@@ -52,14 +55,19 @@ impl Rng {
         else {
             return;
         };
+        let scratch = &mut self.scratch;
         drain_queue(&mut queues[0], mem, interrupt, |chain| {
-            fill_with_entropy(mem, chain)
+            fill_with_entropy(mem, scratch, chain)
         });
     }
 }
 
 /// Fills the chain's writable buffers (up to [`MAX_REQUEST_BYTES`]); returns bytes written.
-fn fill_with_entropy(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+fn fill_with_entropy(
+    mem: &GuestMemoryMmap,
+    scratch: &mut [u8],
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
     let mut writer = match chain.writer(mem) {
         Ok(writer) => writer,
         Err(err) => {
@@ -67,13 +75,13 @@ fn fill_with_entropy(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryM
             return 0;
         }
     };
-    let len = writer.available_bytes().min(MAX_REQUEST_BYTES);
-    let mut entropy = vec![0u8; len];
-    if let Err(err) = getrandom::fill(&mut entropy) {
+    let len = writer.available_bytes().min(scratch.len());
+    let entropy = &mut scratch[..len];
+    if let Err(err) = getrandom::fill(entropy) {
         tracing::error!(%err, "virtio-rng: host getrandom failed");
         return 0;
     }
-    if let Err(err) = writer.write_all(&entropy) {
+    if let Err(err) = writer.write_all(entropy) {
         guest_warn!(%err, "virtio-rng: cannot write to guest memory");
         return 0;
     }

@@ -372,12 +372,19 @@ impl Connection {
             }
             self.count_forwarded(written);
         }
-        if written < len {
-            let mut rest = vec![0u8; len - written];
-            if let Ok(tail) = data.offset(written) {
-                tail.copy_to(&mut rest[..]);
+        // Queue the rest, copied through a small stack buffer (no temporary allocation).
+        let mut chunk = [0u8; 4096];
+        let mut offset = written;
+        while offset < len {
+            let Ok(tail) = data.offset(offset) else {
+                break;
+            };
+            let n = tail.copy_to(&mut chunk[..]);
+            if n == 0 {
+                break;
             }
-            self.to_host.extend(rest);
+            self.to_host.extend(&chunk[..n]);
+            offset += n;
         }
         self.maybe_credit_update();
     }
