@@ -4,6 +4,7 @@
 //! and noisy, so only medians and ratios mean anything) and ends by printing one JSON object.
 
 pub mod agent;
+pub mod control;
 pub mod guest_boot;
 pub mod hostvm;
 pub mod stats;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roost_bench::agent::AgentBench;
+use roost_bench::control::ControlBench;
 use roost_bench::guest_boot::{Accel, GuestImages, QemuMicrovm};
 use roost_bench::hostvm::HostVmBench;
 use roost_bench::stats;
@@ -33,6 +34,38 @@ enum Scenario {
     /// roost-agent's envd API vs doing the same directly: `commands.run("true")` latency vs
     /// `bash -lc true`, and 50 MiB `/files` write/read vs `cp` (runs on this machine).
     Agent(AgentArgs),
+    /// The control plane alone over loopback HTTP with an instant worker: `POST /v2/sandboxes`
+    /// latency and `GET /v2/sandboxes` requests/s, on SQLite and PostgreSQL.
+    Control(ControlArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ControlArgs {
+    /// Sequential creates per database (also how many sandboxes the list phase sees).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    creates: u32,
+    /// Concurrent clients of the list phase.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: u32,
+    /// Seconds of the list phase per database.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    list_secs: u64,
+    /// Sandboxes per list page.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    page: u32,
+    /// PostgreSQL admin URL (role with CREATEDB); a scratch database is made and dropped.
+    #[arg(
+        long,
+        env = "ROOST_TEST_POSTGRES_URL",
+        default_value = "postgres://roost_test:roost_test@127.0.0.1:5432/roost_test"
+    )]
+    postgres_url: String,
+    /// Only SQLite.
+    #[arg(long)]
+    no_postgres: bool,
+    /// Print only the JSON report on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,6 +162,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Hostvm(args) => hostvm(args),
         Scenario::Boot(args) => boot(args),
         Scenario::Agent(args) => agent(args),
+        Scenario::Control(args) => control(args),
     }
 }
 
@@ -317,5 +351,36 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut json = serde_json::to_value(&report)?;
     json["scenario"] = "agent".into();
     println!("{json}");
+    Ok(())
+}
+
+fn control(args: ControlArgs) -> anyhow::Result<()> {
+    let bench = ControlBench {
+        creates: args.creates,
+        concurrency: args.concurrency,
+        list_for: Duration::from_secs(args.list_secs),
+        page: args.page,
+        postgres_url: (!args.no_postgres).then_some(args.postgres_url),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let reports = runtime.block_on(bench.run())?;
+    if !args.json {
+        for r in &reports {
+            eprintln!(
+                "{:>8}: create p50 {:.2} ms (p95 {:.2}), list {:.0} req/s (p50 {:.2} ms, {} clients)",
+                r.engine,
+                r.create_ms.p50_ms,
+                r.create_ms.p95_ms,
+                r.list_rps,
+                r.list_ms.p50_ms,
+                r.list_concurrency
+            );
+        }
+    }
+    let report = serde_json::json!({ "scenario": "control", "engines": reports });
+    println!("{report}");
     Ok(())
 }
