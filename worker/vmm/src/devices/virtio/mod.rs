@@ -8,7 +8,9 @@
 //!   `event_manager::MutEventSubscriber` and runs on the device event-loop thread.
 //!
 //! Queues are `virtio_queue::Queue` split rings; guest memory is `vm_memory::GuestMemoryMmap`.
-//! The VM core's wiring is described in `helpers/VMM-INTERFACE.md` and the crate README.
+//! Every device offers `VIRTIO_F_VERSION_1` and `VIRTIO_RING_F_EVENT_IDX` (see `queue_drain`).
+//! The VM core wires them in `device_manager` (MMIO slots, irqfd, one ioeventfd per queue on
+//! `QueueNotify`); see the crate README.
 
 pub mod block;
 pub mod device;
