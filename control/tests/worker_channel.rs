@@ -611,6 +611,55 @@ async fn a_restarted_control_finds_lost_hosts_from_the_database(app: TestApp) {
     next.close();
 }
 
+async fn unsupported_protocol_versions_are_rejected(app: TestApp) {
+    let admin = platform_admin(&app).await;
+    let creds = test_worker::register(&app, &token(&app, &admin).await)
+        .await
+        .unwrap();
+    for version in [0, roost_proto::control::PROTOCOL_VERSION + 1] {
+        let err =
+            TestWorker::connect_with(&creds, Profile::new(1, &["base"]), Arc::default(), |h| {
+                h.protocol_version = version;
+            })
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("protocol version"), "{err:#}");
+    }
+    assert!(app.channel().registry().connected().is_empty());
+    // The same credentials with a proper hello are fine.
+    TestWorker::connect(&creds, Profile::new(1, &["base"]), Arc::default())
+        .await
+        .unwrap();
+}
+
+async fn a_create_the_worker_never_answers_times_out_and_is_reconciled_away(app: TestApp) {
+    let admin = platform_admin(&app).await;
+    let w = worker(&app, &admin, Profile::new(4, &["base"])).await;
+    let key = tenant(&app, "a@example.com").await;
+    w.book.answer_no_creates();
+    let r = app
+        .call(
+            Method::POST,
+            "/v2/sandboxes",
+            Auth::Key(&key),
+            Some(json!({"templateID": "base"})),
+        )
+        .await;
+    r.assert_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // The worker started it anyway; control recorded the create as failed, so the next
+    // heartbeat's reconciliation has the worker kill it.
+    let held: Vec<String> = w.book.held().into_keys().collect();
+    assert_eq!(held.len(), 1);
+    let stray = held[0].clone();
+    assert_eq!(sandbox(&app, &key, &stray).await["state"], "killed");
+    eventually("the stray sandbox to be killed", WAIT, || async {
+        (!w.book.holds(&stray)).then_some(())
+    })
+    .await;
+    assert_eq!(w.book.kills(), vec![stray]);
+}
+
 on_both_backends_with_channel!(
     registration_tokens_are_single_use_and_expire,
     certificates_from_another_ca_or_for_another_worker_are_refused,
@@ -621,4 +670,6 @@ on_both_backends_with_channel!(
     reconnect_reconciles_both_ways,
     a_replacing_connection_takes_over_and_the_old_one_is_closed,
     a_restarted_control_finds_lost_hosts_from_the_database,
+    unsupported_protocol_versions_are_rejected,
+    a_create_the_worker_never_answers_times_out_and_is_reconciled_away,
 );

@@ -395,7 +395,7 @@ pub fn test_channel_config() -> ChannelConfig {
     let mut c = ChannelConfig::new("127.0.0.1:0".parse().unwrap());
     c.heartbeat_interval = std::time::Duration::from_millis(100);
     c.lost_after = std::time::Duration::from_millis(500);
-    c.request_timeout = std::time::Duration::from_secs(5);
+    c.request_timeout = std::time::Duration::from_secs(3);
     c.hello_timeout = std::time::Duration::from_secs(5);
     c
 }

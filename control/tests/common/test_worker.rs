@@ -104,6 +104,8 @@ struct Held {
 pub struct Book {
     sandboxes: Mutex<BTreeMap<String, Held>>,
     kills: Mutex<Vec<String>>,
+    /// Carry out creates but never answer them (a worker whose answer is lost or too late).
+    silent_creates: std::sync::atomic::AtomicBool,
 }
 
 impl Book {
@@ -139,6 +141,12 @@ impl Book {
     /// Drops a sandbox without telling control (the VM died with the worker).
     pub fn forget(&self, id: &str) {
         self.lock().remove(id);
+    }
+
+    /// From now on, start sandboxes but never answer the create request.
+    pub fn answer_no_creates(&self) {
+        self.silent_creates
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Sandboxes control told this worker to kill, in order.
@@ -255,8 +263,7 @@ pub struct TestWorker {
 impl TestWorker {
     /// Dials control, sends the hello and waits for the welcome.
     pub async fn connect(creds: &Creds, profile: Profile, book: Arc<Book>) -> anyhow::Result<Self> {
-        let claimed = creds.worker_id.clone();
-        Self::connect_claiming(creds, &claimed, profile, book).await
+        Self::connect_with(creds, profile, book, |_| {}).await
     }
 
     /// [`Self::connect`] with `claimed_id` in the hello instead of the registered id.
@@ -265,6 +272,20 @@ impl TestWorker {
         claimed_id: &str,
         profile: Profile,
         book: Arc<Book>,
+    ) -> anyhow::Result<Self> {
+        let claimed_id = claimed_id.to_owned();
+        Self::connect_with(creds, profile, book, move |hello| {
+            hello.worker_id = claimed_id;
+        })
+        .await
+    }
+
+    /// [`Self::connect`] with the hello changed by `edit` before it is sent.
+    pub async fn connect_with(
+        creds: &Creds,
+        profile: Profile,
+        book: Arc<Book>,
+        edit: impl FnOnce(&mut Hello),
     ) -> anyhow::Result<Self> {
         let client =
             roost_control::pki::client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)?;
@@ -277,16 +298,18 @@ impl TestWorker {
         let (send, recv) = connection.open_bi().await.context("open session stream")?;
         let mut writer = FramedWrite::new(send, JsonCodec::<ControlMessage, WorkerMessage>::new());
         let mut reader = FramedRead::new(recv, JsonCodec::<ControlMessage, WorkerMessage>::new());
+        let mut hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: creds.worker_id.clone(),
+            worker_version: "test-worker".into(),
+            capacity: profile.capacity,
+            templates: profile.templates.clone(),
+            usage: book.usage(),
+            sandboxes: book.reports(),
+        };
+        edit(&mut hello);
         writer
-            .send(WorkerMessage::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
-                worker_id: claimed_id.to_owned(),
-                worker_version: "test-worker".into(),
-                capacity: profile.capacity,
-                templates: profile.templates.clone(),
-                usage: book.usage(),
-                sandboxes: book.reports(),
-            }))
+            .send(WorkerMessage::Hello(hello))
             .await
             .context("send hello")?;
         let answer = tokio::time::timeout(Duration::from_secs(10), reader.next())
@@ -382,6 +405,10 @@ async fn answer_one(
 ) -> anyhow::Result<()> {
     let mut reader = FramedRead::new(recv, JsonCodec::<Request, Response>::new());
     let request = reader.next().await.context("no request")??;
+    let silent = matches!(request.operation, Operation::Create(_))
+        && book
+            .silent_creates
+            .load(std::sync::atomic::Ordering::SeqCst);
     let result = if request.protocol_version == PROTOCOL_VERSION {
         book.apply(profile, request.operation)
     } else {
@@ -390,6 +417,10 @@ async fn answer_one(
             message: "unsupported".into(),
         })
     };
+    if silent {
+        // Hold the stream open without answering until control gives up.
+        std::future::pending::<()>().await;
+    }
     let mut writer = FramedWrite::new(send, JsonCodec::<Request, Response>::new());
     writer
         .send(Response {
