@@ -387,6 +387,36 @@ async fn file_errors_are_clear() {
     agent.assert_clean().await;
 }
 
+#[tokio::test]
+async fn a_write_blocked_on_a_fifo_does_not_stall_other_operations() {
+    let agent = Agent::start().await;
+    let fifo = agent.dir.path().join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let request = WriteFileRequest {
+        path: fifo.to_str().unwrap().to_owned(),
+        mode: None,
+        create_dirs: false,
+        owner: None,
+    };
+    let client = agent.client.clone();
+    let write = tokio::spawn(async move { client.write_file(request, &mut &b"through"[..]).await });
+    // Opening a FIFO for writing blocks until a reader comes; meanwhile the agent answers.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let hello = tokio::time::timeout(Duration::from_secs(5), agent.client.hello()).await;
+    assert!(matches!(hello, Ok(Ok(_))), "{hello:?}");
+    assert!(!write.is_finished());
+    let read = tokio::task::spawn_blocking(move || std::fs::read(fifo).unwrap());
+    assert_eq!(write.await.unwrap().unwrap(), 7);
+    assert_eq!(read.await.unwrap(), b"through");
+    agent.assert_clean().await;
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; the test binds it right after).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

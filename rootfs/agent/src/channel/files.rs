@@ -3,7 +3,7 @@
 //! Paths must be absolute. Writes go to the path itself (created, or truncated): a write whose
 //! connection drops before `End` leaves a partial file and gets no `Done`, so the client knows.
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
@@ -86,22 +86,25 @@ pub async fn write(request: WriteFileRequest, conn: &mut Conn) -> Result<(), Err
             format!("mode {mode:o} has bits beyond 07777"),
         ));
     }
-    let file = std::fs::OpenOptions::new()
+    // On the blocking pool: opening a FIFO for writing blocks until it has a reader, and that
+    // must not stall the channel's runtime.
+    let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(mode)
         .open(&path)
+        .await
         .map_err(|e| io_error(&format!("cannot create {}", path.display()), &e))?;
     if request.mode.is_some() {
         // An existing file keeps its mode on open; creation is subject to the umask.
         file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .await
             .map_err(|e| io_error(&format!("cannot chmod {}", path.display()), &e))?;
     }
     if let Some(owner) = request.owner {
         set_owner(&path, owner)?;
     }
-    let mut file = tokio::fs::File::from_std(file);
     send(conn, AgentMessage::Accepted).await?;
     let mut written: u64 = 0;
     loop {
