@@ -94,7 +94,11 @@ mod tests {
                 4
             }));
             assert_eq!(served, 3);
-            assert_eq!(irq.status(), 1, "used-ring interrupt (event_idx {event_idx})");
+            assert_eq!(
+                irq.status(),
+                1,
+                "used-ring interrupt (event_idx {event_idx})"
+            );
             if event_idx {
                 assert_eq!(guest.avail_event(), 3, "kick wanted from entry 3 on");
             }
