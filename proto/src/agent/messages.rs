@@ -80,8 +80,8 @@ pub enum Program {
     Shell(String),
 }
 
-/// A numeric user and group. The agent also sets `HOME` and `USER` from `/etc/passwd` when the
-/// uid has an entry.
+/// A numeric user and group. When the uid has an `/etc/passwd` entry the agent also sets
+/// `HOME`, `USER` and `LOGNAME` and adds the user's supplementary groups from `/etc/group`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserSpec {
     pub uid: u32,

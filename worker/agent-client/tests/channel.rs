@@ -98,7 +98,70 @@ async fn runs_as_another_user_with_its_home() {
         "stderr: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+
+    // Supplementary groups come from /etc/group, as `id -G NAME` reports them here.
+    let (name, uid, gid) = user_with_supplementary_groups();
+    let expected = command_stdout("id", &["-G", &name]);
+    let mut request = exec_argv(["id", "-G"]);
+    request.user = Some(UserSpec { uid, gid });
+    let output = agent.client.run(request).await.unwrap();
+    let mut got: Vec<&str> = std::str::from_utf8(&output.stdout)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let mut want: Vec<&str> = expected.split_whitespace().collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want, "groups of {name}");
+
+    // The working directory is entered as the user: a root-only one is refused.
+    let private = agent.dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let mut request = exec_argv(["true"]);
+    request.user = Some(UserSpec {
+        uid: 65534,
+        gid: 65534,
+    });
+    request.cwd = Some(private.to_str().unwrap().to_owned());
+    let message = assert_agent_error(agent.client.exec(request).await, ErrorKind::SpawnFailed);
+    assert!(message.contains("ermission denied"), "{message}");
     agent.assert_clean().await;
+}
+
+fn command_stdout(program: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{program} {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// A user of this machine that is a member of some group besides its own (Debian's
+/// `postgres`, in `ssl-cert`, on CI), as (name, uid, gid).
+fn user_with_supplementary_groups() -> (String, u32, u32) {
+    let groups = std::fs::read_to_string("/etc/group").unwrap();
+    let member = groups
+        .lines()
+        .filter_map(|line| line.split(':').nth(3))
+        .flat_map(|members| members.split(','))
+        .find(|name| {
+            !name.is_empty()
+                && std::process::Command::new("id")
+                    .arg(name)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        })
+        .expect("this test needs a user with a supplementary group in /etc/group (e.g. postgres)")
+        .to_owned();
+    let uid = command_stdout("id", &["-u", &member]).parse().unwrap();
+    let gid = command_stdout("id", &["-g", &member]).parse().unwrap();
+    (member, uid, gid)
 }
 
 #[tokio::test]

@@ -22,10 +22,10 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
-use nix::unistd::{Pid, Uid, User};
+use nix::unistd::{Gid, Pid, Uid, User};
 use roost_proto::agent::{
     AgentMessage, ClientMessage, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame,
-    MAX_CHUNK_LEN, Program, StreamKind,
+    MAX_CHUNK_LEN, Program, StreamKind, UserSpec,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -196,15 +196,16 @@ fn build_command(request: &ExecRequest) -> Result<Command, ErrorReply> {
         command.env("PATH", DEFAULT_PATH);
     }
     let mut home = None;
-    if let Some(user) = request.user {
-        command.uid(user.uid).gid(user.gid);
-        if let Ok(Some(entry)) = User::from_uid(Uid::from_raw(user.uid)) {
-            command
-                .env("HOME", &entry.dir)
-                .env("USER", &entry.name)
-                .env("LOGNAME", &entry.name);
-            home = Some(entry.dir);
-        }
+    let mut groups = Vec::new();
+    if let Some(user) = request.user
+        && let Ok(Some(entry)) = User::from_uid(Uid::from_raw(user.uid))
+    {
+        command
+            .env("HOME", &entry.dir)
+            .env("USER", &entry.name)
+            .env("LOGNAME", &entry.name);
+        groups = supplementary_groups(&entry.name, user.gid);
+        home = Some(entry.dir);
     }
     command.envs(&request.env as &BTreeMap<String, String>);
     let cwd = match &request.cwd {
@@ -216,8 +217,13 @@ fn build_command(request: &ExecRequest) -> Result<Command, ErrorReply> {
             .filter(|home| home.is_dir())
             .unwrap_or_else(|| "/".into()),
     };
+    match request.user {
+        Some(user) => switch_user(&mut command, user, groups, &cwd)?,
+        None => {
+            command.current_dir(cwd);
+        }
+    }
     command
-        .current_dir(cwd)
         .process_group(0)
         .stdin(if request.stdin {
             Stdio::piped()
@@ -227,6 +233,55 @@ fn build_command(request: &ExecRequest) -> Result<Command, ErrorReply> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Ok(command)
+}
+
+/// The user's groups from `/etc/group` (with `gid` first); just `gid` if they cannot be read.
+fn supplementary_groups(name: &str, gid: u32) -> Vec<libc::gid_t> {
+    let primary = Gid::from_raw(gid);
+    let listed = std::ffi::CString::new(name)
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, primary).ok())
+        .unwrap_or_default();
+    let mut groups = vec![gid];
+    groups.extend(listed.iter().map(|g| g.as_raw()).filter(|&g| g != gid));
+    groups
+}
+
+/// Makes the child take the user's groups, gid and uid, then enter `cwd` as that user (so a
+/// directory the user may not enter is refused, as a login would be). Std's `uid`/`gid` would
+/// drop supplementary groups instead of setting them, and its `groups` is unstable.
+fn switch_user(
+    command: &mut Command,
+    user: UserSpec,
+    groups: Vec<libc::gid_t>,
+    cwd: &Path,
+) -> Result<(), ErrorReply> {
+    let cwd = std::ffi::CString::new(cwd.as_os_str().as_encoded_bytes()).map_err(|_| {
+        ErrorReply::new(
+            ErrorKind::BadRequest,
+            "working directory contains a NUL byte",
+        )
+    })?;
+    let (uid, gid) = (user.uid, user.gid);
+    let check = |result: libc::c_int| {
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: the closure runs in the forked child before exec. It only makes the
+    // async-signal-safe setgroups/setgid/setuid/chdir system calls on data prepared before the
+    // fork (no allocation, no locks), as std itself does for `Command::uid`.
+    unsafe {
+        command.pre_exec(move || {
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            check(libc::setgid(gid))?;
+            check(libc::setuid(uid))?;
+            check(libc::chdir(cwd.as_ptr()))
+        });
+    }
+    Ok(())
 }
 
 fn check_cwd(cwd: &Path) -> Result<(), ErrorReply> {
@@ -330,8 +385,6 @@ fn exit_status(status: WaitStatus) -> ExitStatus {
 
 #[cfg(test)]
 mod tests {
-    use roost_proto::agent::UserSpec;
-
     use super::*;
 
     fn request(program: Program) -> ExecRequest {
@@ -369,7 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn user_sets_home_and_cwd_defaults_to_it() {
+    fn user_sets_home_and_groups() {
         let mut as_root = request(Program::Argv(vec!["true".into()]));
         as_root.user = Some(UserSpec { uid: 0, gid: 0 });
         as_root.clear_env = true;
@@ -383,8 +436,9 @@ mod tests {
             Some(std::ffi::OsStr::new("root"))
         );
         assert!(envs.contains_key(std::ffi::OsStr::new("PATH")));
-        let home = User::from_uid(Uid::from_raw(0)).unwrap().unwrap().dir;
-        let expected = if home.is_dir() { home } else { "/".into() };
-        assert_eq!(command.get_current_dir(), Some(expected.as_path()));
+        // The directory is entered after the user switch, in the child.
+        assert_eq!(command.get_current_dir(), None);
+        assert_eq!(supplementary_groups("root", 0)[0], 0);
+        assert_eq!(supplementary_groups("no-such-user", 7), vec![7]);
     }
 }
