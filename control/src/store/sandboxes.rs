@@ -308,14 +308,32 @@ pub async fn expired(db: &Db, now: i64, limit: i64) -> Result<Vec<Sandbox>, Stor
     rows.into_iter().map(Sandbox::try_from).collect()
 }
 
-/// Sandbox `id` of any team: only for system actors (worker reconciliation).
-pub async fn get_any_team(db: &Db, id: &str) -> Result<Option<Sandbox>, StoreError> {
-    let sql = format!("SELECT {COLUMNS} FROM sandboxes s WHERE s.id = $1");
-    let row: Option<Row> = sqlx::query_as(&sql)
-        .bind(id)
-        .fetch_optional(db.pool())
-        .await?;
-    row.map(Sandbox::try_from).transpose()
+/// Most ids bound in one `IN (...)` list (well under SQLite's and PostgreSQL's limits).
+const IN_CHUNK: usize = 500;
+
+/// The sandboxes among `ids`, of any team, by id: only for system actors (reconciling a
+/// heartbeat's whole sandbox list in a few queries instead of one per sandbox).
+pub async fn get_many_any_team(
+    db: &Db,
+    ids: &[&str],
+) -> Result<std::collections::HashMap<String, Sandbox>, StoreError> {
+    let mut found = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(IN_CHUNK) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sandboxes s WHERE s.id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query_as::<_, Row>(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(db.pool()).await? {
+            let sandbox = Sandbox::try_from(row)?;
+            found.insert(sandbox.id.clone(), sandbox);
+        }
+    }
+    Ok(found)
 }
 
 /// Sandboxes of every team placed on `host_id` in one of `states`: only for system actors

@@ -6,6 +6,8 @@
 //! - still `creating` in the database, or `starting` on the worker → left alone (a create is
 //!   in flight).
 //!
+//! It runs in its own task per connection ([`run`]), beside the heartbeat loop.
+//!
 //! Only on connect (the hello), every sandbox the database places on this host as `running`
 //! or `paused` that the worker does *not* report is marked `lost`: the worker restarted
 //! without it. This is not done per heartbeat, because a kill or pause in flight makes the two
@@ -23,6 +25,28 @@ use crate::lifecycle::state::{Event, SandboxState, transition};
 use crate::store::StoreError;
 use crate::store::audit::{self, Actor};
 use crate::store::sandboxes::{self, Changes};
+
+/// A connection's reconciler: first the hello's report (with [`on_connect`]), then each
+/// heartbeat's latest report (with [`on_reports`]); reports that arrive while one is being
+/// handled are superseded by the newest. Ends when the session drops `latest`.
+pub async fn run(
+    shared: Arc<Shared>,
+    host_id: String,
+    hello: Vec<SandboxReport>,
+    mut latest: tokio::sync::watch::Receiver<Option<Vec<SandboxReport>>>,
+) {
+    if let Err(e) = on_connect(&shared, &host_id, &hello).await {
+        tracing::error!(host = %host_id, error = %e, "reconciliation on connect failed");
+    }
+    while latest.changed().await.is_ok() {
+        let Some(reports) = latest.borrow_and_update().clone() else {
+            continue;
+        };
+        if let Err(e) = on_reports(&shared, &host_id, &reports).await {
+            tracing::error!(host = %host_id, error = %e, "reconciling a heartbeat failed");
+        }
+    }
+}
 
 /// What reconciliation did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -67,13 +91,19 @@ pub async fn on_reports(
     reports: &[SandboxReport],
 ) -> Result<Outcome, StoreError> {
     let mut outcome = Outcome::default();
+    let ids: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.state != WorkerSandboxState::Starting)
+        .map(|r| r.sandbox_id.as_str())
+        .collect();
+    let stored_all = sandboxes::get_many_any_team(&shared.db, &ids).await?;
     for report in reports {
         let reported = match report.state {
             WorkerSandboxState::Starting => continue,
             WorkerSandboxState::Running => Event::Reappeared,
             WorkerSandboxState::Paused => Event::ReappearedPaused,
         };
-        let stored = sandboxes::get_any_team(&shared.db, &report.sandbox_id).await?;
+        let stored = stored_all.get(&report.sandbox_id).cloned();
         let orphan = match &stored {
             None => true,
             Some(s) if s.state == SandboxState::Creating => false,
@@ -116,19 +146,26 @@ pub async fn on_reports(
 }
 
 /// Tells the worker to kill a sandbox control does not want there, in the background (the
-/// heartbeat loop must not wait for it), and audits the order.
+/// heartbeat loop must not wait for it), and audits the order. While an order for the same
+/// sandbox is in flight, later heartbeats that still report it add nothing.
 async fn order_kill(
     shared: &Arc<Shared>,
     host_id: &str,
     sandbox_id: &str,
     stored: Option<&sandboxes::Sandbox>,
 ) -> Result<(), StoreError> {
+    let Some(connection) = shared.registry.connection(host_id) else {
+        return Ok(());
+    };
+    if !shared.kills_in_flight.begin(sandbox_id) {
+        return Ok(());
+    }
     tracing::info!(
         host = host_id,
         sandbox = sandbox_id,
         "worker holds a sandbox control does not; killing it"
     );
-    audit::record(
+    let recorded = audit::record(
         shared.db.pool(),
         audit::Event {
             team_id: stored.map(|s| s.team_id.as_str()),
@@ -143,20 +180,23 @@ async fn order_kill(
             }),
         },
     )
-    .await?;
-    let Some(connection) = shared.registry.connection(host_id) else {
-        return Ok(());
-    };
+    .await;
+    if let Err(e) = recorded {
+        shared.kills_in_flight.end(sandbox_id);
+        return Err(e);
+    }
     let request_id = shared.registry.next_request_id();
     let operation = Operation::Kill {
         sandbox_id: sandbox_id.to_owned(),
     };
     let timeout = shared.config.request_timeout;
     let (host, sandbox) = (host_id.to_owned(), sandbox_id.to_owned());
+    let shared = shared.clone();
     tokio::spawn(async move {
         if let Err(e) = rpc::call(&connection, request_id, operation, timeout).await {
             tracing::warn!(%host, %sandbox, error = %e, "reconciliation kill failed");
         }
+        shared.kills_in_flight.end(&sandbox);
     });
     Ok(())
 }

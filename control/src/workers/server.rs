@@ -15,6 +15,30 @@ pub struct Shared {
     pub db: Db,
     pub registry: Arc<Registry>,
     pub config: ChannelConfig,
+    /// Sandboxes with a reconciliation kill order on its way.
+    pub kills_in_flight: InFlight,
+}
+
+/// A set of ids with work in progress.
+#[derive(Debug, Default)]
+pub struct InFlight(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // Single insert/remove critical sections: a poisoned set is still consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks `id` in progress; `false` if it already was.
+    pub fn begin(&self, id: &str) -> bool {
+        self.lock().insert(id.to_owned())
+    }
+
+    pub fn end(&self, id: &str) {
+        self.lock().remove(id);
+    }
 }
 
 /// Why the channel could not start.
@@ -57,6 +81,7 @@ impl WorkerChannel {
             db,
             registry: Arc::new(Registry::new()),
             config,
+            kills_in_flight: InFlight::default(),
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let sweep = monitor::spawn(shared.clone(), shared.config.sweep_interval());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use roost_proto::control::{
     CodecError, ControlMessage, Hello, JsonCodec, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    WorkerMessage,
+    SandboxReport, WorkerMessage,
 };
 use rustls::pki_types::CertificateDer;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -182,9 +182,30 @@ async fn session(
         },
     )
     .await?;
-    reconcile::on_connect(shared, host_id, &hello.sandboxes).await?;
+    // Reconciliation runs beside the heartbeat loop, so that a large or slow one never delays
+    // the heartbeats that keep the host alive; it always works on the latest report.
+    let (reports, latest) = tokio::sync::watch::channel(None);
+    let reconciler = tokio::spawn(reconcile::run(
+        shared.clone(),
+        host_id.to_owned(),
+        hello.sandboxes.clone(),
+        latest,
+    ));
+    let result = heartbeats(shared, connection, host_id, epoch, &mut reader, &reports).await;
+    reconciler.abort();
+    result
+}
 
-    // Silence for `lost_after` ends the session; the monitor then marks the host lost.
+/// Reads heartbeats until the stream ends or falls silent for `lost_after` (the monitor then
+/// marks the host lost).
+async fn heartbeats(
+    shared: &Arc<Shared>,
+    connection: &quinn::Connection,
+    host_id: &str,
+    epoch: u64,
+    reader: &mut Reader,
+    reports: &tokio::sync::watch::Sender<Option<Vec<SandboxReport>>>,
+) -> Result<(), SessionError> {
     let silence = shared.config.lost_after;
     loop {
         let message = match tokio::time::timeout(silence, reader.next()).await {
@@ -217,6 +238,6 @@ async fn session(
         shared
             .registry
             .report(host_id, epoch, heartbeat.usage, &heartbeat.templates);
-        reconcile::on_reports(shared, host_id, &heartbeat.sandboxes).await?;
+        reports.send_replace(Some(heartbeat.sandboxes));
     }
 }

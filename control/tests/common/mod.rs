@@ -390,11 +390,12 @@ macro_rules! on_both_backends {
     };
 }
 
-/// Worker-channel settings for tests: heartbeats every 100 ms, lost after 500 ms.
+/// Worker-channel settings for tests: heartbeats every 100 ms, lost after 1.5 s (a bound the
+/// loss tests wait for, yet long enough that a loaded CI machine does not lose healthy hosts).
 pub fn test_channel_config() -> ChannelConfig {
     let mut c = ChannelConfig::new("127.0.0.1:0".parse().unwrap());
     c.heartbeat_interval = std::time::Duration::from_millis(100);
-    c.lost_after = std::time::Duration::from_millis(500);
+    c.lost_after = std::time::Duration::from_millis(1500);
     c.request_timeout = std::time::Duration::from_secs(3);
     c.hello_timeout = std::time::Duration::from_secs(5);
     c
