@@ -23,6 +23,16 @@ pub const WORKER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 6
 /// Tolerated clock skew between control and workers when a certificate starts being valid.
 const BACKDATE: Duration = Duration::from_secs(60 * 60);
 
+/// A fresh worker key (PKCS#8 PEM) and a CSR for it (PEM), to send at registration. The CSR's
+/// subject does not matter: control writes its own.
+pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::new(vec!["roost-worker".to_owned()])?
+        .serialize_request(&key)?
+        .pem()?;
+    Ok((key.serialize_pem(), csr))
+}
+
 /// The SAN URI that names worker `id` in its certificate.
 pub fn worker_uri(id: &str) -> String {
     format!("urn:roost:worker:{id}")

@@ -5,7 +5,8 @@
 //! - [`registry`]: the connected workers, their capacity and templates (placement reads it);
 //! - [`rpc`]: one request on its own stream, with a timeout;
 //! - [`reconcile`]: matching what a worker reports against the database;
-//! - [`monitor`]: marking hosts whose heartbeats stopped lost, with their sandboxes.
+//! - [`monitor`]: marking hosts whose heartbeats stopped lost, with their sandboxes;
+//! - [`client`]: the worker's end (dial, hello, heartbeats, answering requests).
 //!
 //! The wire format is `roost_proto::control`. Liveness is decided from the database
 //! (`hosts.last_heartbeat_at`), not from connection state: a closed connection only stops
@@ -14,6 +15,7 @@
 //! disappear (crash, network cut, hung process, control restart) and lets a worker that
 //! restarts quickly keep its sandboxes.
 
+pub mod client;
 pub mod monitor;
 pub mod reconcile;
 pub mod registry;

@@ -1,23 +1,20 @@
 //! An in-process worker that speaks the real control channel (QUIC + mutual TLS on
-//! 127.0.0.1) and "runs" sandboxes in a map: registration with a token and a CSR, hello,
-//! heartbeats, and answers to create/kill/pause/resume/snapshot/metrics requests.
+//! 127.0.0.1) through `roost_control::workers::client`, and "runs" sandboxes in a map:
+//! registration with a token and a CSR, hello, heartbeats, and answers to
+//! create/kill/pause/resume/snapshot/metrics requests.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use anyhow::{Context, bail};
+use async_trait::async_trait;
 use axum::http::{Method, StatusCode};
-use futures_util::{SinkExt, StreamExt};
-use rcgen::{CertificateParams, KeyPair};
+use roost_control::workers::client::{ClientError, Handler, Identity, Session, Status};
 use roost_proto::control::{
-    Capacity, ControlMessage, ErrorKind, Heartbeat, Hello, JsonCodec, MetricSample, Operation,
-    Outcome, PROTOCOL_VERSION, Request, Response, SandboxReport, Usage, WorkerError, WorkerMessage,
-    WorkerSandboxState,
+    Capacity, ErrorKind, Hello, MetricSample, Operation, Outcome, PROTOCOL_VERSION, SandboxReport,
+    Usage, WorkerError, WorkerSandboxState,
 };
 use serde_json::json;
-use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::{Auth, Resp, TestApp};
 
@@ -32,15 +29,9 @@ pub struct Creds {
     pub addr: SocketAddr,
 }
 
-/// A PEM CSR for a fresh key, and the key.
-pub fn csr() -> (String, KeyPair) {
-    let key = KeyPair::generate().unwrap();
-    let csr = CertificateParams::new(vec!["worker.test".to_owned()])
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+/// A fresh key (PEM) and a CSR for it (PEM).
+pub fn csr() -> (String, String) {
+    let (key, csr) = roost_control::pki::new_key_and_csr().unwrap();
     (csr, key)
 }
 
@@ -61,7 +52,7 @@ pub async fn register(app: &TestApp, token: &str) -> Result<Creds, Resp> {
     Ok(Creds {
         worker_id: r.body["workerId"].as_str().unwrap().to_owned(),
         cert_pem: r.body["certificatePem"].as_str().unwrap().to_owned(),
-        key_pem: key.serialize_pem(),
+        key_pem: key,
         ca_pem: r.body["caCertificatePem"].as_str().unwrap().to_owned(),
         server_name: r.body["serverName"].as_str().unwrap().to_owned(),
         addr: r.body["channelAddress"].as_str().unwrap().parse().unwrap(),
@@ -250,19 +241,65 @@ impl Book {
     }
 }
 
+impl Creds {
+    fn identity(&self) -> Identity {
+        Identity {
+            worker_id: self.worker_id.clone(),
+            ca_pem: self.ca_pem.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            server_name: self.server_name.clone(),
+            control_addr: self.addr,
+        }
+    }
+}
+
+/// The test worker's [`Handler`]: its book and what it offers.
+struct Worker {
+    book: Arc<Book>,
+    profile: Profile,
+}
+
+#[async_trait]
+impl Handler for Worker {
+    async fn handle(&self, operation: Operation) -> Result<Outcome, WorkerError> {
+        let silent = matches!(operation, Operation::Create(_))
+            && self
+                .book
+                .silent_creates
+                .load(std::sync::atomic::Ordering::SeqCst);
+        let result = self.book.apply(&self.profile, operation);
+        if silent {
+            // Hold the request open without answering until control gives up.
+            std::future::pending::<()>().await;
+        }
+        result
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            usage: self.book.usage(),
+            templates: self.profile.templates.clone(),
+            sandboxes: self.book.reports(),
+        }
+    }
+}
+
 /// A connected test worker.
 #[derive(Debug)]
 pub struct TestWorker {
     pub creds: Creds,
     pub book: Arc<Book>,
-    endpoint: quinn::Endpoint,
-    connection: quinn::Connection,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    session: Session,
 }
 
 impl TestWorker {
     /// Dials control, sends the hello and waits for the welcome.
-    pub async fn connect(creds: &Creds, profile: Profile, book: Arc<Book>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        creds: &Creds,
+        profile: Profile,
+        book: Arc<Book>,
+    ) -> Result<Self, ClientError> {
         Self::connect_with(creds, profile, book, |_| {}).await
     }
 
@@ -272,7 +309,7 @@ impl TestWorker {
         claimed_id: &str,
         profile: Profile,
         book: Arc<Book>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ClientError> {
         let claimed_id = claimed_id.to_owned();
         Self::connect_with(creds, profile, book, move |hello| {
             hello.worker_id = claimed_id;
@@ -286,18 +323,7 @@ impl TestWorker {
         profile: Profile,
         book: Arc<Book>,
         edit: impl FnOnce(&mut Hello),
-    ) -> anyhow::Result<Self> {
-        let client =
-            roost_control::pki::client_config(&creds.ca_pem, &creds.cert_pem, &creds.key_pem)?;
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(client);
-        let connection = endpoint
-            .connect(creds.addr, &creds.server_name)?
-            .await
-            .context("QUIC handshake")?;
-        let (send, recv) = connection.open_bi().await.context("open session stream")?;
-        let mut writer = FramedWrite::new(send, JsonCodec::<ControlMessage, WorkerMessage>::new());
-        let mut reader = FramedRead::new(recv, JsonCodec::<ControlMessage, WorkerMessage>::new());
+    ) -> Result<Self, ClientError> {
         let mut hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             worker_id: creds.worker_id.clone(),
@@ -308,126 +334,32 @@ impl TestWorker {
             sandboxes: book.reports(),
         };
         edit(&mut hello);
-        writer
-            .send(WorkerMessage::Hello(hello))
-            .await
-            .context("send hello")?;
-        let answer = tokio::time::timeout(Duration::from_secs(10), reader.next())
-            .await
-            .context("no welcome within 10 s")?
-            .context("session stream closed before the welcome")?
-            .context("read welcome")?;
-        let interval = match answer {
-            ControlMessage::Welcome {
-                heartbeat_interval_ms,
-                ..
-            } => Duration::from_millis(heartbeat_interval_ms),
-            ControlMessage::Rejected { reason } => bail!("rejected: {reason}"),
-        };
-
-        let heartbeats = {
-            let (book, templates) = (book.clone(), profile.templates.clone());
-            tokio::spawn(async move {
-                // Keep the receive side open for the session's life.
-                let _reader = reader;
-                let mut tick = tokio::time::interval(interval);
-                for seq in 1.. {
-                    tick.tick().await;
-                    let beat = WorkerMessage::Heartbeat(Heartbeat {
-                        seq,
-                        usage: book.usage(),
-                        templates: templates.clone(),
-                        sandboxes: book.reports(),
-                    });
-                    if writer.send(beat).await.is_err() {
-                        return;
-                    }
-                }
-            })
-        };
-        let server = {
-            let (book, connection) = (book.clone(), connection.clone());
-            tokio::spawn(async move {
-                while let Ok((send, recv)) = connection.accept_bi().await {
-                    let (book, profile) = (book.clone(), profile.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = answer_one(send, recv, &book, &profile).await {
-                            eprintln!("test worker request failed: {e:#}");
-                        }
-                    });
-                }
-            })
-        };
+        let handler = Arc::new(Worker {
+            book: book.clone(),
+            profile,
+        });
+        let session = Session::join(&creds.identity(), hello, handler).await?;
         Ok(Self {
             creds: creds.clone(),
             book,
-            endpoint,
-            connection,
-            tasks: vec![heartbeats, server],
+            session,
         })
     }
 
     /// Stops heartbeating and answering, without closing the connection: a hung worker or a
     /// cut network, as control sees it.
     pub fn vanish(&self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.session.halt();
     }
 
     /// Closes the connection cleanly (a worker restarting its control connection).
     pub async fn disconnect(self) -> Arc<Book> {
-        self.vanish();
-        self.connection.close(0u32.into(), b"bye");
-        self.endpoint.wait_idle().await;
-        self.book.clone()
+        self.session.leave().await;
+        self.book
     }
 
     /// Why the connection closed, once it has.
     pub async fn closed(&self) -> quinn::ConnectionError {
-        self.connection.closed().await
+        self.session.closed().await
     }
-}
-
-impl Drop for TestWorker {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-async fn answer_one(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    book: &Book,
-    profile: &Profile,
-) -> anyhow::Result<()> {
-    let mut reader = FramedRead::new(recv, JsonCodec::<Request, Response>::new());
-    let request = reader.next().await.context("no request")??;
-    let silent = matches!(request.operation, Operation::Create(_))
-        && book
-            .silent_creates
-            .load(std::sync::atomic::Ordering::SeqCst);
-    let result = if request.protocol_version == PROTOCOL_VERSION {
-        book.apply(profile, request.operation)
-    } else {
-        Err(WorkerError {
-            kind: ErrorKind::UnsupportedVersion,
-            message: "unsupported".into(),
-        })
-    };
-    if silent {
-        // Hold the stream open without answering until control gives up.
-        std::future::pending::<()>().await;
-    }
-    let mut writer = FramedWrite::new(send, JsonCodec::<Request, Response>::new());
-    writer
-        .send(Response {
-            request_id: request.request_id,
-            result,
-        })
-        .await?;
-    writer.into_inner().finish()?;
-    Ok(())
 }
