@@ -12,12 +12,19 @@
 //! of the process (e.g. ones a library waits for itself) alone.
 //!
 //! Never call `wait` on the returned [`std::process::Child`]; await the [`Exit`] instead.
+//!
+//! [`spawn`] also clears the child's signal mask: init blocks its signals for a signalfd in
+//! every thread, and `std::process::Command` passes the mask on to the program it runs (checked:
+//! it does not reset it), which would leave commands deaf to SIGINT and SIGTERM.
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use std::os::unix::process::CommandExt;
+
 use nix::errno::Errno;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
@@ -42,6 +49,14 @@ pub fn lock() -> MutexGuard<'static, Waiters> {
 
 /// Spawns `command` and records its pid; the returned [`Exit`] resolves when it is reaped.
 pub fn spawn(command: &mut Command) -> std::io::Result<(Child, Exit)> {
+    // SAFETY: the closure runs between fork and exec and only calls sigprocmask, which is
+    // async-signal-safe, on a stack-allocated empty set.
+    unsafe {
+        command.pre_exec(|| {
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+                .map_err(std::io::Error::from)
+        });
+    }
     let mut guard = lock();
     let child = command.spawn()?;
     let pid = i32::try_from(child.id()).map_err(std::io::Error::other)?;
@@ -101,6 +116,36 @@ mod tests {
         };
         assert!(matches!(status, WaitStatus::Exited(_, 7)), "{status:?}");
         assert_eq!(foreign.wait().unwrap().code(), Some(3));
+    }
+
+    #[test]
+    fn children_start_with_no_blocked_signals_even_when_the_spawner_blocks_some() {
+        // A fresh thread, so blocking SIGUSR1 here leaves the other tests' threads alone.
+        std::thread::spawn(|| {
+            let mut blocked = SigSet::empty();
+            blocked.add(Signal::SIGUSR1);
+            sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None).unwrap();
+            let (_child, mut exit) = spawn(
+                Command::new("sh")
+                    .args(["-c", "grep -q '^SigBlk:[[:space:]]*0*$' /proc/self/status"]),
+            )
+            .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let status = loop {
+                reap_registered();
+                if let Ok(status) = exit.try_recv() {
+                    break status;
+                }
+                assert!(std::time::Instant::now() < deadline, "child never reaped");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            };
+            assert!(
+                matches!(status, WaitStatus::Exited(_, 0)),
+                "the child inherited blocked signals: {status:?}"
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
