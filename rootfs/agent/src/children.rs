@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::os::unix::process::CommandExt;
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
@@ -123,7 +123,7 @@ mod tests {
         // A fresh thread, so blocking SIGUSR1 here leaves the other tests' threads alone.
         std::thread::spawn(|| {
             let mut blocked = SigSet::empty();
-            blocked.add(Signal::SIGUSR1);
+            blocked.add(nix::sys::signal::Signal::SIGUSR1);
             sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None).unwrap();
             let (_child, mut exit) = spawn(
                 Command::new("sh")
