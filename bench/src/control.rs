@@ -1,6 +1,10 @@
-//! `roost-bench control`: the control plane alone, over real HTTP on loopback, with the
-//! in-process instant worker (it answers every placement at once, so the figures are control's
-//! own cost: routing, auth, rate limits, the database and the state machine).
+//! `roost-bench control`: the control plane alone, over real HTTP on loopback, with workers
+//! that answer every request at once, so the figures are control's own cost (routing, auth,
+//! rate limits, the database, the state machine, and placement):
+//! - placement `instant`: the in-process `InstantWorker` (no channel at all);
+//! - placement `quic`: one registered worker on the real QUIC + mTLS control channel over
+//!   loopback (`workers::client::Session` with a handler that keeps a map), which adds the
+//!   channel's round trip to every create.
 //!
 //! For each database engine (SQLite in a temporary directory, and a fresh PostgreSQL database
 //! that is dropped afterwards):
@@ -8,8 +12,10 @@
 //! - **list throughput**: `GET /v2/sandboxes` (one page of the sandboxes just created) from
 //!   `concurrency` client tasks for a fixed time; requests per second and p50 latency.
 
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,20 +25,46 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use roost_control::api::v1::workers::WorkerRegistration;
 use roost_control::api::{self, AppState, Config};
 use roost_control::auth::password::HashCost;
 use roost_control::lifecycle::Sandboxes;
+use roost_control::pki::{self, ControlCa};
 use roost_control::placement::instant::InstantWorker;
 use roost_control::ratelimit::{Budget, Limits};
-use roost_control::store::Db;
+use roost_control::store::{Db, worker_tokens};
+use roost_control::workers::client::{Handler, Identity, Session, Status};
+use roost_control::workers::{ChannelConfig, WorkerChannel};
+use roost_proto::control::{
+    Capacity, Hello, Operation, Outcome, PROTOCOL_VERSION, SandboxReport, Usage, WorkerError,
+    WorkerSandboxState,
+};
 use serde::Serialize;
 use sqlx::Connection;
 
 use crate::stats::{self, Summary};
 
+/// How sandboxes are placed during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementKind {
+    Instant,
+    Quic,
+}
+
+impl PlacementKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Instant => "instant",
+            Self::Quic => "quic",
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct ControlBench {
+    /// Placements to measure, each on every engine.
+    pub placements: Vec<PlacementKind>,
     /// Sequential creates per engine (also the number of sandboxes the list sees).
     pub creates: u32,
     /// Concurrent clients of the list phase.
@@ -49,6 +81,7 @@ pub struct ControlBench {
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineReport {
     pub engine: &'static str,
+    pub placement: &'static str,
     pub create_ms: Summary,
     pub list_requests: u64,
     pub list_seconds: f64,
@@ -118,43 +151,89 @@ async fn json_field(bytes: &Bytes, field: &str) -> anyhow::Result<String> {
 }
 
 impl ControlBench {
-    /// Runs every engine and returns their figures.
+    /// Runs every placement on every engine (each on a fresh database) and returns the figures.
     pub async fn run(&self) -> anyhow::Result<Vec<EngineReport>> {
         let mut reports = Vec::new();
-        let dir = tempfile::tempdir()?;
-        let db = Db::open_data_dir(dir.path()).await?;
-        reports.push(self.run_engine("sqlite", db).await?);
-        if let Some(admin_url) = &self.postgres_url {
-            let scratch = ScratchPostgres::create(admin_url).await?;
-            let outcome = async {
-                let db = Db::connect(&scratch.url).await?;
-                let report = self.run_engine("postgres", db.clone()).await;
-                db.close().await;
-                report
+        for &placement in &self.placements {
+            let dir = tempfile::tempdir()?;
+            let db = Db::open_data_dir(dir.path()).await?;
+            reports.push(self.run_engine("sqlite", placement, db).await?);
+            if let Some(admin_url) = &self.postgres_url {
+                let scratch = ScratchPostgres::create(admin_url).await?;
+                let outcome = async {
+                    let db = Db::connect(&scratch.url).await?;
+                    let report = self.run_engine("postgres", placement, db.clone()).await;
+                    db.close().await;
+                    report
+                }
+                .await;
+                scratch.drop_database().await?;
+                reports.push(outcome?);
             }
-            .await;
-            scratch.drop_database().await?;
-            reports.push(outcome?);
         }
         Ok(reports)
     }
 
-    async fn run_engine(&self, engine: &'static str, db: Db) -> anyhow::Result<EngineReport> {
-        let worker = Arc::new(InstantWorker::register(&db).await?);
-        let state = AppState::new(Sandboxes::new(db, worker), roomy_config());
+    async fn run_engine(
+        &self,
+        engine: &'static str,
+        placement: PlacementKind,
+        db: Db,
+    ) -> anyhow::Result<EngineReport> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let server = tokio::spawn(api::serve(listener, state));
         let target = Arc::new(Target {
             client: Client::builder(TokioExecutor::new()).build_http(),
             base: format!("http://{addr}"),
         });
-        let result = self.measure(engine, &target).await;
-        server.abort();
-        result
+        match placement {
+            PlacementKind::Instant => {
+                let worker = Arc::new(InstantWorker::register(&db).await?);
+                let state = AppState::new(Sandboxes::new(db, worker), roomy_config());
+                let server = tokio::spawn(api::serve(listener, state));
+                let result = self.measure(engine, placement, &target).await;
+                server.abort();
+                result
+            }
+            PlacementKind::Quic => {
+                let ca = Arc::new(ControlCa::generate()?);
+                let channel = WorkerChannel::start(
+                    db.clone(),
+                    &ca,
+                    ChannelConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+                )
+                .await?;
+                let registration = WorkerRegistration {
+                    ca,
+                    server_name: channel.config().server_name.clone(),
+                    channel_address: channel.local_addr()?.to_string(),
+                };
+                let state = AppState::with_workers(
+                    Sandboxes::new(db.clone(), Arc::new(channel.placement())),
+                    roomy_config(),
+                    Some(registration),
+                );
+                let server = tokio::spawn(api::serve(listener, state));
+                let result = async {
+                    let session = join_bench_worker(&db, &target).await?;
+                    let result = self.measure(engine, placement, &target).await;
+                    session.leave().await;
+                    result
+                }
+                .await;
+                server.abort();
+                channel.close();
+                result
+            }
+        }
     }
 
-    async fn measure(&self, engine: &'static str, t: &Arc<Target>) -> anyhow::Result<EngineReport> {
+    async fn measure(
+        &self,
+        engine: &'static str,
+        placement: PlacementKind,
+        t: &Arc<Target>,
+    ) -> anyhow::Result<EngineReport> {
         let (status, body) = t
             .call(
                 Method::POST,
@@ -206,7 +285,11 @@ impl ControlBench {
             }
             create_ms.push(elapsed.as_secs_f64() * 1000.0);
         }
-        eprintln!("{engine}: {} creates done", self.creates);
+        eprintln!(
+            "{engine}/{}: {} creates done",
+            placement.name(),
+            self.creates
+        );
 
         let path = format!("/v2/sandboxes?limit={}", self.page);
         let deadline = Instant::now() + self.list_for;
@@ -235,9 +318,13 @@ impl ControlBench {
         }
         let seconds = started.elapsed().as_secs_f64();
         let requests = u64::try_from(list_ms.len())?;
-        eprintln!("{engine}: {requests} lists in {seconds:.1} s");
+        eprintln!(
+            "{engine}/{}: {requests} lists in {seconds:.1} s",
+            placement.name()
+        );
         Ok(EngineReport {
             engine,
+            placement: placement.name(),
             create_ms: stats::summarise(&create_ms).context("no create samples")?,
             list_requests: requests,
             list_seconds: seconds,
@@ -246,6 +333,98 @@ impl ControlBench {
             list_concurrency: self.concurrency,
             list_page: self.page,
         })
+    }
+}
+
+/// Registers a worker through the API (token from the store) and joins it to the channel.
+async fn join_bench_worker(db: &Db, t: &Target) -> anyhow::Result<Session> {
+    let (_, token) =
+        worker_tokens::create(db, "bench", None, roost_control::store::now_ms() + 600_000).await?;
+    let (key_pem, csr) = pki::new_key_and_csr()?;
+    let (status, body) = t
+        .call(
+            Method::POST,
+            "/v1/workers/register",
+            None,
+            Some(serde_json::json!({"token": token, "csr": csr})),
+        )
+        .await?;
+    if status != StatusCode::CREATED {
+        bail!(
+            "worker registration: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let identity = Identity {
+        worker_id: json_field(&body, "workerId").await?,
+        ca_pem: json_field(&body, "caCertificatePem").await?,
+        cert_pem: json_field(&body, "certificatePem").await?,
+        key_pem,
+        server_name: json_field(&body, "serverName").await?,
+        control_addr: json_field(&body, "channelAddress").await?.parse()?,
+    };
+    let handler = Arc::new(BenchWorker::default());
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: identity.worker_id.clone(),
+        worker_version: "roost-bench".into(),
+        capacity: Capacity {
+            vcpus: u32::MAX / 2,
+            memory_mib: u64::MAX / 2,
+            disk_mib: u64::MAX / 2,
+            max_sandboxes: u32::MAX / 2,
+        },
+        templates: vec!["base".into(), "code-interpreter-v1".into()],
+        usage: Usage::default(),
+        sandboxes: Vec::new(),
+    };
+    Ok(Session::join(&identity, hello, handler).await?)
+}
+
+/// A worker that holds sandbox ids in a set and answers at once.
+#[derive(Debug, Default)]
+struct BenchWorker {
+    running: Mutex<HashSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for BenchWorker {
+    async fn handle(&self, operation: Operation) -> Result<Outcome, WorkerError> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(match operation {
+            Operation::Create(spec) => {
+                running.insert(spec.sandbox_id);
+                Outcome::Created
+            }
+            Operation::Kill { sandbox_id } => {
+                running.remove(&sandbox_id);
+                Outcome::Killed
+            }
+            Operation::Pause { .. } => Outcome::Paused,
+            Operation::Resume(_) => Outcome::Resumed,
+            Operation::Snapshot { .. } => Outcome::Snapshotted { size_bytes: 0 },
+            Operation::Metrics { .. } => Outcome::Metrics {
+                samples: Vec::new(),
+            },
+        })
+    }
+
+    fn status(&self) -> Status {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        Status {
+            usage: Usage {
+                sandboxes: u32::try_from(running.len()).unwrap_or(u32::MAX),
+                ..Usage::default()
+            },
+            templates: vec!["base".into(), "code-interpreter-v1".into()],
+            sandboxes: running
+                .iter()
+                .map(|id| SandboxReport {
+                    sandbox_id: id.clone(),
+                    state: WorkerSandboxState::Running,
+                })
+                .collect(),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roost_bench::agent::AgentBench;
-use roost_bench::control::ControlBench;
+use roost_bench::control::{ControlBench, PlacementKind};
 use roost_bench::guest_boot::{Accel, GuestImages, QemuMicrovm};
 use roost_bench::hostvm::HostVmBench;
 use roost_bench::stats;
@@ -34,9 +34,17 @@ enum Scenario {
     /// roost-agent's envd API vs doing the same directly: `commands.run("true")` latency vs
     /// `bash -lc true`, and 50 MiB `/files` write/read vs `cp` (runs on this machine).
     Agent(AgentArgs),
-    /// The control plane alone over loopback HTTP with an instant worker: `POST /v2/sandboxes`
-    /// latency and `GET /v2/sandboxes` requests/s, on SQLite and PostgreSQL.
+    /// The control plane alone over loopback HTTP, its workers answering at once (in-process,
+    /// or over the QUIC channel): `POST /v2/sandboxes` latency and `GET /v2/sandboxes`
+    /// requests/s, on SQLite and PostgreSQL.
     Control(ControlArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ControlPlacement {
+    Instant,
+    Quic,
+    Both,
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +71,10 @@ struct ControlArgs {
     /// Only SQLite.
     #[arg(long)]
     no_postgres: bool,
+    /// Placements to measure: the in-process instant worker, a worker over the QUIC channel,
+    /// or both.
+    #[arg(long, value_enum, default_value = "both")]
+    placement: ControlPlacement,
     /// Print only the JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -355,7 +367,13 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 fn control(args: ControlArgs) -> anyhow::Result<()> {
+    let placements = match args.placement {
+        ControlPlacement::Instant => vec![PlacementKind::Instant],
+        ControlPlacement::Quic => vec![PlacementKind::Quic],
+        ControlPlacement::Both => vec![PlacementKind::Instant, PlacementKind::Quic],
+    };
     let bench = ControlBench {
+        placements,
         creates: args.creates,
         concurrency: args.concurrency,
         list_for: Duration::from_secs(args.list_secs),
@@ -370,8 +388,9 @@ fn control(args: ControlArgs) -> anyhow::Result<()> {
     if !args.json {
         for r in &reports {
             eprintln!(
-                "{:>8}: create p50 {:.2} ms (p95 {:.2}), list {:.0} req/s (p50 {:.2} ms, {} clients)",
+                "{:>8}/{:<7}: create p50 {:.2} ms (p95 {:.2}), list {:.0} req/s (p50 {:.2} ms, {} clients)",
                 r.engine,
+                r.placement,
                 r.create_ms.p50_ms,
                 r.create_ms.p95_ms,
                 r.list_rps,

@@ -311,8 +311,11 @@ impl Sandboxes {
         if let (Some(host), false) = (&sandbox.host_id, sandbox.state == SandboxState::Lost) {
             match self.placement.kill(host, &sid).await {
                 Ok(()) | Err(PlacementError::UnknownSandbox { .. }) => {}
-                // The worker reconciles unknown sandboxes against control when it reconnects.
-                Err(e @ PlacementError::HostUnavailable { .. }) => {
+                // The worker's next report of it draws a kill order (reconciliation), so the
+                // user's kill need not wait for an unreachable or slow host.
+                Err(
+                    e @ (PlacementError::HostUnavailable { .. } | PlacementError::Timeout { .. }),
+                ) => {
                     tracing::warn!(sandbox = id, error = %e, "killing sandbox on unreachable host");
                 }
                 Err(source) => {
