@@ -34,7 +34,7 @@ fn pause_and_save_state_in_host_vm() {
                   R=$(sed -n 's/.*\"path\": \"\\(.*\\)\".*/\\1/p' $ROOST_CACHE_DIR/index/rootfs-base.json)\n\
                   timeout 300 /opt/test/pause_and_save \"$K\" \"$R\" 2";
     let outcome = HostVm::builder()
-        .timeout(Duration::from_secs(900))
+        .timeout(Duration::from_secs(540))
         .capture_output()
         .file("/opt/test/pause_and_save", example())
         .run(["sh", "-c", script])
