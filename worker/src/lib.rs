@@ -6,3 +6,4 @@
 //! the `roost-vmm` crate beside this one.
 
 pub mod host_check;
+pub mod vm_handle;

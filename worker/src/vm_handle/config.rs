@@ -1,0 +1,334 @@
+//! What a microVM is booted from, and the checks that run before anything is created or
+//! spawned: a bad configuration is refused with a message that names the field, never turned
+//! into a VMM that fails later with a less helpful one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// vCPU bounds the VMM accepts.
+pub const CPUS: std::ops::RangeInclusive<u32> = 1..=16;
+/// Guest memory bounds (MiB) the VMM accepts.
+pub const MEM_MIB: std::ops::RangeInclusive<u64> = 64..=32 * 1024;
+
+/// The longest socket path the VMM and the ready listener create inside the runtime
+/// directory (`vsock.sock_1024`), counted into `sun_path`'s 108 bytes with its NUL.
+const LONGEST_SOCKET_NAME: &str = "vsock.sock_1024";
+const SUN_PATH_MAX: usize = 107;
+
+/// How the root filesystem image is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootfsMode {
+    /// The shared image, read-only (`--rootfs-ro`); the guest mounts `/` read-only.
+    ReadOnly,
+    /// A private copy in the runtime directory, writable, deleted with the VM.
+    WritableCopy,
+}
+
+/// What the VMM's seccomp filters do with a syscall outside a thread's allowlist
+/// (`roost vm run --seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeccompMode {
+    Enforce,
+    Log,
+    Off,
+}
+
+impl SeccompMode {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Log => "log",
+            Self::Off => "off",
+        }
+    }
+}
+
+/// Everything needed to boot one microVM.
+#[derive(Debug, Clone)]
+pub struct VmHandleConfig {
+    /// The `roost` binary whose `vm run` becomes the VMM.
+    pub vmm_binary: PathBuf,
+    /// Uncompressed ELF guest kernel.
+    pub kernel: PathBuf,
+    /// Root filesystem image.
+    pub rootfs: PathBuf,
+    pub rootfs_mode: RootfsMode,
+    pub cpus: u32,
+    pub mem_mib: u64,
+    /// Kernel parameters appended to the VMM's default command line (`--append`).
+    pub cmdline_extra: Option<String>,
+    /// Per-VM directory (created with mode 0700, must not exist yet; its parent must):
+    /// vsock socket, serial log, VMM stderr, a writable rootfs copy. Removed with the handle.
+    pub runtime_dir: PathBuf,
+    /// How long the agent may take to announce itself after the VMM starts.
+    pub ready_timeout: Duration,
+    pub seccomp: SeccompMode,
+}
+
+impl VmHandleConfig {
+    /// A 1-vCPU, 256 MiB VM with a read-only root, the `roost` binary next to the current
+    /// executable as its VMM, and a 60 s ready timeout.
+    pub fn new(
+        kernel: impl Into<PathBuf>,
+        rootfs: impl Into<PathBuf>,
+        runtime_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            vmm_binary: default_vmm_binary(),
+            kernel: kernel.into(),
+            rootfs: rootfs.into(),
+            rootfs_mode: RootfsMode::ReadOnly,
+            cpus: 1,
+            mem_mib: 256,
+            cmdline_extra: None,
+            runtime_dir: runtime_dir.into(),
+            ready_timeout: Duration::from_secs(60),
+            seccomp: SeccompMode::Enforce,
+        }
+    }
+
+    /// Checks bounds, files and paths; creates nothing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !CPUS.contains(&self.cpus) {
+            return Err(ConfigError::Cpus(self.cpus));
+        }
+        if !MEM_MIB.contains(&self.mem_mib) {
+            return Err(ConfigError::Memory(self.mem_mib));
+        }
+        regular_file("VMM binary", &self.vmm_binary)?;
+        regular_file("kernel", &self.kernel)?;
+        regular_file("root filesystem", &self.rootfs)?;
+        if let Some(extra) = &self.cmdline_extra
+            && extra.chars().any(|c| c == '\0' || c == '\n')
+        {
+            return Err(ConfigError::Cmdline(extra.clone()));
+        }
+        if self.ready_timeout.is_zero() {
+            return Err(ConfigError::ReadyTimeout);
+        }
+        self.validate_runtime_dir()
+    }
+
+    fn validate_runtime_dir(&self) -> Result<(), ConfigError> {
+        let dir = &self.runtime_dir;
+        if !dir.is_absolute() {
+            return Err(ConfigError::RuntimeDirRelative(dir.clone()));
+        }
+        let longest = dir.join(LONGEST_SOCKET_NAME);
+        if longest.as_os_str().len() > SUN_PATH_MAX {
+            return Err(ConfigError::RuntimeDirTooLong {
+                dir: dir.clone(),
+                max: SUN_PATH_MAX - LONGEST_SOCKET_NAME.len() - 1,
+            });
+        }
+        if std::fs::symlink_metadata(dir).is_ok() {
+            return Err(ConfigError::RuntimeDirExists(dir.clone()));
+        }
+        match dir.parent() {
+            Some(parent) if parent.is_dir() => Ok(()),
+            _ => Err(ConfigError::RuntimeDirParent(dir.clone())),
+        }
+    }
+}
+
+fn regular_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::NotAFile {
+            what,
+            path: path.to_owned(),
+        }),
+        Err(source) => Err(ConfigError::Missing {
+            what,
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// `roost` next to the current executable (release installs put every binary together; the
+/// host VM copies them all to `/opt/roost/bin`).
+pub fn default_vmm_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("roost")))
+        .unwrap_or_else(|| PathBuf::from("roost"))
+}
+
+/// A configuration that cannot boot.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} vCPUs requested; the VMM supports {min} to {max}", min = CPUS.start(), max = CPUS.end())]
+    Cpus(u32),
+    #[error("{0} MiB of guest memory requested; the VMM supports {min} to {max} MiB", min = MEM_MIB.start(), max = MEM_MIB.end())]
+    Memory(u64),
+    #[error("{what} {} is not usable", path.display())]
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {} is not a regular file", path.display())]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error("extra kernel parameters may not contain NUL or newline: {0:?}")]
+    Cmdline(String),
+    #[error("the ready timeout must be longer than zero")]
+    ReadyTimeout,
+    #[error("runtime directory {} must be an absolute path", .0.display())]
+    RuntimeDirRelative(PathBuf),
+    #[error("runtime directory {} is too long for Unix socket paths (at most {max} bytes)", dir.display())]
+    RuntimeDirTooLong { dir: PathBuf, max: usize },
+    #[error("runtime directory {} already exists (another VM's, or a stale one)", .0.display())]
+    RuntimeDirExists(PathBuf),
+    #[error("the parent of runtime directory {} is not a directory", .0.display())]
+    RuntimeDirParent(PathBuf),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid configuration over files in `dir`.
+    fn valid(dir: &Path) -> VmHandleConfig {
+        for name in ["roost", "vmlinux", "rootfs.ext4"] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let mut config = VmHandleConfig::new(
+            dir.join("vmlinux"),
+            dir.join("rootfs.ext4"),
+            dir.join("vm1"),
+        );
+        config.vmm_binary = dir.join("roost");
+        config
+    }
+
+    #[test]
+    fn a_complete_configuration_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = valid(dir.path());
+        config.cpus = 16;
+        config.mem_mib = 32 * 1024;
+        config.cmdline_extra = Some("roost.poweroff_after_ready init=/sbin/init".into());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn sizes_outside_the_vmm_bounds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        for cpus in [0, 17] {
+            let config = VmHandleConfig {
+                cpus,
+                ..base.clone()
+            };
+            let error = config.validate().unwrap_err();
+            assert!(
+                matches!(error, ConfigError::Cpus(n) if n == cpus),
+                "{error}"
+            );
+            assert!(error.to_string().contains("1 to 16"), "{error}");
+        }
+        for mem_mib in [63, 32 * 1024 + 1] {
+            let config = VmHandleConfig {
+                mem_mib,
+                ..base.clone()
+            };
+            let error = config.validate().unwrap_err();
+            assert!(
+                matches!(error, ConfigError::Memory(n) if n == mem_mib),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_files_and_directories_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        let missing = dir.path().join("nope");
+        let config = VmHandleConfig {
+            kernel: missing.clone(),
+            ..base.clone()
+        };
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().starts_with("kernel "), "{error}");
+        assert!(error.to_string().contains("nope"), "{error}");
+        let config = VmHandleConfig {
+            vmm_binary: missing,
+            ..base.clone()
+        };
+        assert!(matches!(
+            config.validate().unwrap_err(),
+            ConfigError::Missing {
+                what: "VMM binary",
+                ..
+            }
+        ));
+        let config = VmHandleConfig {
+            rootfs: dir.path().to_owned(),
+            ..base
+        };
+        assert!(matches!(
+            config.validate().unwrap_err(),
+            ConfigError::NotAFile {
+                what: "root filesystem",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_command_line_and_timeout_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        let config = VmHandleConfig {
+            cmdline_extra: Some("quiet\ninit=/bin/sh".into()),
+            ..base.clone()
+        };
+        assert!(matches!(
+            config.validate().unwrap_err(),
+            ConfigError::Cmdline(_)
+        ));
+        let config = VmHandleConfig {
+            ready_timeout: Duration::ZERO,
+            ..base
+        };
+        assert!(matches!(
+            config.validate().unwrap_err(),
+            ConfigError::ReadyTimeout
+        ));
+    }
+
+    #[test]
+    fn runtime_dir_must_be_new_absolute_short_and_under_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        let check = |runtime_dir: PathBuf| {
+            VmHandleConfig {
+                runtime_dir,
+                ..base.clone()
+            }
+            .validate()
+            .unwrap_err()
+        };
+        assert!(matches!(
+            check(PathBuf::from("relative/vm")),
+            ConfigError::RuntimeDirRelative(_)
+        ));
+        assert!(matches!(
+            check(dir.path().to_owned()),
+            ConfigError::RuntimeDirExists(_)
+        ));
+        assert!(matches!(
+            check(dir.path().join("missing-parent/vm")),
+            ConfigError::RuntimeDirParent(_)
+        ));
+        let long = dir.path().join("v".repeat(100));
+        let error = check(long);
+        assert!(
+            matches!(error, ConfigError::RuntimeDirTooLong { .. }),
+            "{error}"
+        );
+    }
+}
