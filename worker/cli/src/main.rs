@@ -6,6 +6,7 @@
 mod cmd_doctor;
 mod cmd_hostvm;
 mod cmd_images;
+mod cmd_sandbox;
 mod cmd_vm;
 
 use std::process::ExitCode;
@@ -36,6 +37,16 @@ enum Command {
     /// Run microVMs with Roost's own VMM.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Run commands in a sandbox microVM through the worker's VM handle and the in-guest agent.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SandboxCommand {
+    /// Boot a microVM from the artefact index, run CMD in it (output streamed), shut it down
+    /// and exit with CMD's status (1 when the sandbox itself failed).
+    Run(cmd_sandbox::SandboxRunArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +76,7 @@ fn main() -> ExitCode {
         Command::Images(command) => cmd_images::run(command),
         Command::Hostvm(HostvmCommand::Run(args)) => cmd_hostvm::run(args),
         Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
+        Command::Sandbox(SandboxCommand::Run(args)) => cmd_sandbox::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),

@@ -2,6 +2,7 @@
 //! spawned: a bad configuration is refused with a message that names the field, never turned
 //! into a VMM that fails later with a less helpful one.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -87,7 +88,8 @@ impl VmHandleConfig {
         }
     }
 
-    /// Checks bounds, files and paths; creates nothing.
+    /// Checks bounds, files (regular files or block devices: the host VM attaches images as
+    /// `/dev/roost/<name>`) and paths; creates nothing.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !CPUS.contains(&self.cpus) {
             return Err(ConfigError::Cpus(self.cpus));
@@ -133,7 +135,7 @@ impl VmHandleConfig {
 
 fn regular_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(meta) if meta.is_file() || meta.file_type().is_block_device() => Ok(()),
         Ok(_) => Err(ConfigError::NotAFile {
             what,
             path: path.to_owned(),
@@ -169,7 +171,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} {} is not a regular file", path.display())]
+    #[error("{what} {} is neither a regular file nor a block device", path.display())]
     NotAFile { what: &'static str, path: PathBuf },
     #[error("extra kernel parameters may not contain NUL or newline: {0:?}")]
     Cmdline(String),

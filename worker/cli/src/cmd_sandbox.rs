@@ -1,0 +1,256 @@
+//! `roost sandbox run`: boot a microVM from the artefact index through the worker's
+//! [`VmHandle`], run one command in it through the agent (stdout/stderr streamed), shut the VM
+//! down and exit with the command's status. For manual use and for testing the worker's VM
+//! life cycle inside the host VM.
+//!
+//! Exit status: the command's (128+N when a signal N ended it); **1** when the sandbox failed
+//! (boot, VMM gone mid-command, agent unreachable; the reason and the console tail are printed).
+//! Stderr gets one `roost: sandbox ready in N ms` line and, at the end, how the VM stopped.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use roost_agent_client::{ExecEvent, exec_argv};
+use roost_images::{ArtefactIndex, Cache};
+use roost_worker::vm_handle::{
+    RootfsMode, SeccompMode, VmHandle, VmHandleConfig, VmmExit, default_runtime_root,
+    ensure_runtime_root,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+/// SIGINT, forwarded to the command on the first Ctrl-C.
+const SIGINT: i32 = 2;
+
+/// Boot a sandbox microVM, run CMD in it, shut it down, exit with CMD's status.
+#[derive(clap::Args, Debug)]
+pub struct SandboxRunArgs {
+    /// Guest image from the artefact index (`rootfs-<IMAGE>`).
+    #[arg(long, default_value = "base")]
+    pub image: String,
+    /// Root filesystem image file instead of --image.
+    #[arg(long, value_name = "PATH", conflicts_with = "image")]
+    pub rootfs: Option<PathBuf>,
+    /// Guest kernel [default: `kernel` from the artefact index].
+    #[arg(long, value_name = "VMLINUX")]
+    pub kernel: Option<PathBuf>,
+    /// Boot from a private writable copy of the image instead of the shared read-only one.
+    #[arg(long)]
+    pub writable: bool,
+    /// Number of vCPUs (1–16).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB (64–32768).
+    #[arg(long, default_value_t = 256, value_name = "MiB")]
+    pub mem: u64,
+    /// Extra kernel parameters.
+    #[arg(long, visible_alias = "cmdline-extra", value_name = "PARAMS")]
+    pub append: Option<String>,
+    /// Directory for the VM's runtime directory [default: $ROOST_RUNTIME_DIR, else
+    /// $XDG_RUNTIME_DIR/roost, else /tmp/roost-<uid>].
+    #[arg(long, value_name = "DIR")]
+    pub runtime_root: Option<PathBuf>,
+    /// Seconds the agent may take to announce itself.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub ready_timeout: u64,
+    /// Seconds the guest gets to power off before the VMM is killed.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub grace: u64,
+    /// The VMM's seccomp mode.
+    #[arg(long, value_enum, default_value_t = SeccompArg::Enforce)]
+    pub seccomp: SeccompArg,
+    /// Forward host 127.0.0.1:HOSTPORT to guest 127.0.0.1:GUESTPORT; the VM then stays up
+    /// after CMD exits until Ctrl-C.
+    #[arg(long, value_name = "HOSTPORT:GUESTPORT", value_parser = parse_forward)]
+    pub forward: Vec<(u16, u16)>,
+    /// The command to run in the guest.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum SeccompArg {
+    Enforce,
+    Log,
+    Off,
+}
+
+fn parse_forward(text: &str) -> Result<(u16, u16), String> {
+    let (host, guest) = text
+        .split_once(':')
+        .ok_or_else(|| format!("expected HOSTPORT:GUESTPORT, got {text:?}"))?;
+    let port = |p: &str| p.parse::<u16>().map_err(|e| format!("bad port {p:?}: {e}"));
+    Ok((port(host)?, port(guest)?))
+}
+
+pub fn run(args: SandboxRunArgs) -> anyhow::Result<i32> {
+    let config = config_from(&args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_sandbox(args, config))
+}
+
+fn config_from(args: &SandboxRunArgs) -> anyhow::Result<VmHandleConfig> {
+    let index = || -> anyhow::Result<ArtefactIndex> {
+        let cache = Cache::from_env().context("no artefact cache")?;
+        Ok(ArtefactIndex::new(&cache))
+    };
+    let kernel = match &args.kernel {
+        Some(path) => path.clone(),
+        None => index()?.lookup("kernel").context("no guest kernel")?.path,
+    };
+    let rootfs = match &args.rootfs {
+        Some(path) => path.clone(),
+        None => {
+            let name = format!("rootfs-{}", args.image);
+            index()?
+                .lookup(&name)
+                .with_context(|| format!("no image `{}`", args.image))?
+                .path
+        }
+    };
+    let root = args
+        .runtime_root
+        .clone()
+        .unwrap_or_else(default_runtime_root);
+    ensure_runtime_root(&root)?;
+    let runtime_dir = root.join(format!("sandbox-{}", std::process::id()));
+    let mut config = VmHandleConfig::new(kernel, rootfs, runtime_dir);
+    config.rootfs_mode = if args.writable {
+        RootfsMode::WritableCopy
+    } else {
+        RootfsMode::ReadOnly
+    };
+    config.cpus = args.cpus;
+    config.mem_mib = args.mem;
+    config.cmdline_extra = args.append.clone();
+    config.ready_timeout = Duration::from_secs(args.ready_timeout);
+    config.seccomp = match args.seccomp {
+        SeccompArg::Enforce => SeccompMode::Enforce,
+        SeccompArg::Log => SeccompMode::Log,
+        SeccompArg::Off => SeccompMode::Off,
+    };
+    config.validate().context("invalid sandbox configuration")?;
+    Ok(config)
+}
+
+async fn run_sandbox(args: SandboxRunArgs, config: VmHandleConfig) -> anyhow::Result<i32> {
+    let vm = VmHandle::boot(config)
+        .await
+        .context("the sandbox did not boot")?;
+    eprintln!(
+        "roost: sandbox ready in {} ms (agent {} on {})",
+        vm.boot_to_ready().as_millis(),
+        vm.hello().agent_version,
+        vm.hello().hostname
+    );
+    let mut forwards = Vec::new();
+    for &(host_port, guest_port) in &args.forward {
+        let listener = match TcpListener::bind(("127.0.0.1", host_port)).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                vm.kill();
+                return Err(e).context(format!("cannot listen on 127.0.0.1:{host_port}"));
+            }
+        };
+        eprintln!("roost: forwarding 127.0.0.1:{host_port} to guest port {guest_port}");
+        forwards.push(vm.serve_forward(listener, guest_port));
+    }
+
+    let status = run_command(&vm, &args.command).await;
+    if status.is_ok() && !forwards.is_empty() {
+        eprintln!("roost: the command ended; serving forwards until Ctrl-C");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            exit = vm.exited() => eprintln!("roost: the VM stopped: {exit}"),
+        }
+    }
+    for forward in forwards {
+        forward.abort();
+    }
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => {
+            // Gone or unreachable: nothing to shut down gracefully.
+            let exit = vm.kill();
+            eprintln!("roost: the VM stopped: {exit}");
+            return Err(e);
+        }
+    };
+    let exit = vm.shutdown(Duration::from_secs(args.grace)).await;
+    eprintln!("roost: the VM stopped: {exit}");
+    if !matches!(exit, VmmExit::GuestShutdown) {
+        tracing::warn!("the guest did not shut down cleanly: {exit}");
+    }
+    Ok(status)
+}
+
+/// Runs `command` to its end, streaming its output; its exit code (128+N for signal N).
+async fn run_command(vm: &VmHandle, command: &[String]) -> anyhow::Result<i32> {
+    let mut exec = vm
+        .exec(exec_argv(command.iter().cloned()))
+        .await
+        .context("cannot start the command in the sandbox")?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut interrupted = false;
+    loop {
+        let event = tokio::select! {
+            event = exec.next_event() => event,
+            exit = vm.exited() => {
+                bail!("the VM stopped while the command ran: {exit}\n{}", vm.logs());
+            }
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                eprintln!("roost: interrupting the command (Ctrl-C again kills the sandbox)");
+                exec.signal(SIGINT).await.context("cannot signal the command")?;
+                continue;
+            }
+        };
+        match event {
+            Ok(Some(ExecEvent::Stdout(bytes))) => {
+                stdout.write_all(&bytes).await?;
+                stdout.flush().await?;
+            }
+            Ok(Some(ExecEvent::Stderr(bytes))) => {
+                stderr.write_all(&bytes).await?;
+                stderr.flush().await?;
+            }
+            Ok(Some(ExecEvent::Exited(status))) => {
+                return Ok(match (status.code, status.signal) {
+                    (Some(code), _) => code,
+                    (None, Some(signal)) => 128 + signal,
+                    (None, None) => 1,
+                });
+            }
+            Ok(None) => bail!("the agent ended the command without an exit status"),
+            Err(e) => {
+                // The VM going away closes the connection first: give the waiter a moment to
+                // tell why.
+                if let Ok(exit) = tokio::time::timeout(Duration::from_secs(2), vm.exited()).await {
+                    bail!(
+                        "the VM stopped while the command ran: {exit}\n{}",
+                        vm.logs()
+                    );
+                }
+                return Err(e).context("lost the command's connection to the agent");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_specs_parse() {
+        assert_eq!(parse_forward("9000:8000"), Ok((9000, 8000)));
+        assert!(parse_forward("9000").is_err());
+        assert!(parse_forward("9000:http").is_err());
+        assert!(parse_forward("70000:80").is_err());
+    }
+}
