@@ -87,6 +87,7 @@ impl std::fmt::Debug for BuiltVm {
 pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
     let started = Instant::now();
     config.validate()?;
+    single_malloc_arena();
     let vm = Vm::new()?;
     let memory = memory::create_anonymous(config.mem_bytes())?;
     vm.register_memory(&memory)?;
@@ -316,4 +317,18 @@ impl Drop for RunningVm {
 /// Builds, starts and runs a VM to its end in this (VMM) process, dropping privileges first.
 pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
     Ok(build(config)?.start(Privileges::Drop)?.wait())
+}
+
+/// Makes every thread allocate from glibc's main arena. A thread-private arena grows with
+/// `mprotect` and, on its first shrink, opens `/proc/sys/vm/overcommit_memory`; neither is in
+/// the vCPU or device threads' seccomp allowlists, and bulk vsock traffic was seen to SIGSYS the
+/// VMM that way. Must run before the VM's threads exist (it only affects arenas made later).
+fn single_malloc_arena() {
+    // SAFETY: mallopt only changes allocator tuning; M_ARENA_MAX with 1 is a documented,
+    // always-valid setting, and no allocation is in flight on another thread at this point
+    // (the VM's threads start later), though glibc's own locking would make that safe too.
+    let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    if ok != 1 {
+        tracing::warn!("mallopt(M_ARENA_MAX, 1) failed; seccomp may refuse allocator syscalls");
+    }
 }

@@ -176,12 +176,6 @@ fn vsock_in_host_vm_end_to_end() {
         .timeout(Duration::from_secs(600))
         .binaries(vec![roost, me])
         .capture_output()
-        // Workaround for an open VM-core bug: glibc grows a thread's malloc arena with
-        // mprotect and, on the first trim, opens /proc/sys/vm/overcommit_memory; the device
-        // thread's seccomp filter allows neither, so bulk device traffic kills the VMM with
-        // SIGSYS. With a single (main, brk-based) arena neither call happens. Remove this once
-        // the VMM sets M_ARENA_MAX itself or its filter allows those calls.
-        .env("MALLOC_ARENA_MAX", "1")
         .run([
             probe.as_str(),
             "--exact",
