@@ -8,10 +8,9 @@
 //! `kernel` and `rootfs-base` artefacts built with the current agent (`roost images build`);
 //! without them it fails with a message.
 //!
-//! The VMM runs with `--seccomp log`: under bulk vsock traffic its device thread made syscalls
-//! outside its allowlist (mprotect, openat) when this test was written, which enforce mode
-//! punishes by killing the VMM; the log mode keeps this test about the channel. The script
-//! prints what seccomp logged (`SECCOMP` lines) for the VMM's own tests to act on.
+//! The VMM runs with its seccomp filters enforced (the default), so bulk traffic through the
+//! channel also proves the device thread's allowlist; the script prints any seccomp audit
+//! lines (`SECCOMP`) to make a refusal easy to diagnose.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,7 +24,7 @@ CTL="timeout 300 roost-agent-ctl --vsock-uds /tmp/vm.sock"
 # The worker listens for the hello before the VM boots.
 roost-agent-ctl wait-ready --vsock-uds /tmp/vm.sock --timeout 300 > /tmp/hello.json 2>/tmp/wait.err &
 W=$!
-roost vm run --seccomp log --rootfs-ro --mem 512 --vsock-uds /tmp/vm.sock \
+roost vm run --rootfs-ro --mem 512 --vsock-uds /tmp/vm.sock \
     --serial-log /tmp/vm.log 2>/tmp/vm.err &
 V=$!
 wait $W
