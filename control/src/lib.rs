@@ -9,7 +9,8 @@
 //! - [`pki`] and [`workers`]: the worker CA, registration certificates and the QUIC control
 //!   channel (sessions, heartbeats, reconciliation, lost hosts);
 //! - [`ratelimit`]: per-key and per-team request budgets;
-//! - [`api`]: the HTTP surface (native `/v1` and E2B-compatible routes, OpenAPI document).
+//! - [`api`]: the HTTP surface (native `/v1` and E2B-compatible routes, OpenAPI document);
+//! - [`server`]: all of the above assembled into one running service (`roost serve control`).
 
 pub mod api;
 pub mod auth;
@@ -17,5 +18,6 @@ pub mod lifecycle;
 pub mod pki;
 pub mod placement;
 pub mod ratelimit;
+pub mod server;
 pub mod store;
 pub mod workers;
