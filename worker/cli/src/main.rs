@@ -7,6 +7,7 @@ mod cmd_doctor;
 mod cmd_hostvm;
 mod cmd_images;
 mod cmd_sandbox;
+mod cmd_serve;
 mod cmd_vm;
 
 use std::process::ExitCode;
@@ -37,6 +38,12 @@ enum Command {
     /// Run microVMs with Roost's own VMM.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Run a Roost service in the foreground until SIGINT/SIGTERM.
+    #[command(subcommand)]
+    Serve(cmd_serve::ServeCommand),
+    /// Operator actions on the control service's database (e.g. the first platform admin).
+    #[command(subcommand)]
+    Control(cmd_serve::ControlCommand),
     /// Run commands in a sandbox microVM through the worker's VM handle and the in-guest agent.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -77,6 +84,8 @@ fn main() -> ExitCode {
         Command::Hostvm(HostvmCommand::Run(args)) => cmd_hostvm::run(args),
         Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
         Command::Sandbox(SandboxCommand::Run(args)) => cmd_sandbox::run(args),
+        Command::Serve(command) => cmd_serve::run_serve(command),
+        Command::Control(command) => cmd_serve::run_control(command),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),

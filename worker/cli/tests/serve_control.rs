@@ -1,0 +1,663 @@
+//! `roost serve control` as an operator runs it: the real binary on a temporary data
+//! directory and OS-chosen ports, driven over HTTP and joined by an in-process worker over the
+//! real QUIC channel (`roost_control::workers::client`). Covers the first administrator,
+//! registration, placement of an E2B sandbox on that worker, kill, a clean SIGTERM shutdown,
+//! and refusals of bad configuration. The PostgreSQL variant runs on a scratch database at
+//! `ROOST_TEST_POSTGRES_URL` (default `postgres://roost_test:roost_test@127.0.0.1:5432/roost_test`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use roost_control::workers::client::{Handler, Identity, Session, Status};
+use roost_proto::control::{
+    Capacity, ErrorKind, Hello, Operation, Outcome, PROTOCOL_VERSION, SandboxReport, Usage,
+    WorkerError, WorkerSandboxState,
+};
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const ROOST: &str = env!("CARGO_BIN_EXE_roost");
+const ADMIN_EMAIL: &str = "ops@example.com";
+const ADMIN_PASSWORD: &str = "correct-horse-battery";
+/// Startup includes hashing the admin password at production cost in a debug build.
+const START_WITHIN: Duration = Duration::from_secs(90);
+const EXIT_WITHIN: Duration = Duration::from_secs(15);
+
+/// A running `roost serve control` process.
+struct Control {
+    child: Child,
+    api: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Control {
+    /// Starts the binary with `args` after the common ones and waits for its ready line.
+    fn start(data_dir: &std::path::Path, extra: &[&str]) -> Result<Self, String> {
+        // Defaults an individual test may replace through `extra`.
+        let mut args: Vec<&str> = Vec::new();
+        for (flag, value) in [
+            ("--listen", "127.0.0.1:0"),
+            ("--channel-listen", "127.0.0.1:0"),
+            ("--heartbeat-interval", "200ms"),
+            ("--host-lost-after", "5s"),
+            ("--bootstrap-admin", ADMIN_EMAIL),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        let mut child = Command::new(ROOST)
+            .args(["serve", "control", "--data-dir"])
+            .arg(data_dir)
+            .args(&args)
+            .args(extra)
+            .env("ROOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("RUST_LOG", "info")
+            .env_remove("ROOST_DATABASE_URL")
+            .env_remove("ROOST_REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn roost");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_WITHIN;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("roost control: REST API on http://") {
+                        let addr = rest.split(',').next().unwrap().parse().unwrap();
+                        return Ok(Self {
+                            child,
+                            api: addr,
+                            stderr,
+                        });
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the stderr reader drain.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(format!(
+                    "roost exited with {status} before it was ready; stderr:\n{}",
+                    stderr.lock().unwrap()
+                ));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!(
+                    "roost was not ready within {START_WITHIN:?}; stderr:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + EXIT_WITHIN;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "roost did not exit within {EXIT_WITHIN:?} of SIGTERM; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `roost` to completion with `args`, returning (status, stdout, stderr).
+fn run_roost(args: &[&str], envs: &[(&str, &str)]) -> (std::process::ExitStatus, String, String) {
+    let mut cmd = Command::new(ROOST);
+    cmd.args(args)
+        .env_remove("ROOST_DATABASE_URL")
+        .stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run roost");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Http(Client<HttpConnector, Full<Bytes>>);
+
+enum Auth<'a> {
+    None,
+    Jwt(&'a str),
+    Key(&'a str),
+}
+
+impl Http {
+    fn new() -> Self {
+        Self(Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        url: &str,
+        auth: Auth<'_>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = hyper::Request::builder().method(method).uri(url);
+        match auth {
+            Auth::None => {}
+            Auth::Jwt(t) => req = req.header("authorization", format!("Bearer {t}")),
+            Auth::Key(k) => req = req.header("x-api-key", k),
+        }
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Full::new(Bytes::from(v.to_string()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let resp = self.0.request(req.body(body).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// A worker that holds sandboxes in a map and answers at once.
+#[derive(Default)]
+struct MapWorker {
+    held: Mutex<BTreeMap<String, WorkerSandboxState>>,
+    kills: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Handler for MapWorker {
+    async fn handle(&self, operation: Operation) -> Result<Outcome, WorkerError> {
+        let mut held = self.held.lock().unwrap();
+        match operation {
+            Operation::Create(spec) => {
+                held.insert(spec.sandbox_id, WorkerSandboxState::Running);
+                Ok(Outcome::Created)
+            }
+            Operation::Kill { sandbox_id } => {
+                self.kills.lock().unwrap().push(sandbox_id.clone());
+                held.remove(&sandbox_id);
+                Ok(Outcome::Killed)
+            }
+            other => Err(WorkerError {
+                kind: ErrorKind::InvalidState,
+                message: format!("test worker does not do {other:?}"),
+            }),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let held = self.held.lock().unwrap();
+        Status {
+            usage: Usage {
+                sandboxes: u32::try_from(held.len()).unwrap(),
+                ..Usage::default()
+            },
+            templates: vec!["base".into()],
+            sandboxes: held
+                .iter()
+                .map(|(id, state)| SandboxReport {
+                    sandbox_id: id.clone(),
+                    state: *state,
+                })
+                .collect(),
+        }
+    }
+}
+
+async fn wait_healthy(http: &Http, control: &Control) {
+    let deadline = Instant::now() + START_WITHIN;
+    loop {
+        let (status, body) = http
+            .call("GET", &control.url("/health"), Auth::None, None)
+            .await;
+        if status == 200 {
+            assert_eq!(body["status"], "ok");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health never became 200 (last {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The whole operator path on one running binary; returns after a clean SIGTERM.
+async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
+    let control = Control::start(data_dir, extra).unwrap_or_else(|e| panic!("{e}"));
+    let http = Http::new();
+    wait_healthy(&http, &control).await;
+    let (status, doc) = http
+        .call("GET", &control.url("/openapi.json"), Auth::None, None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(doc["paths"]["/v2/sandboxes"].is_object());
+
+    // The bootstrapped admin logs in and issues a registration token.
+    let (status, session) = http
+        .call(
+            "POST",
+            &control.url("/v1/auth/login"),
+            Auth::None,
+            Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 200, "{session}");
+    let admin_jwt = session["token"].as_str().unwrap().to_owned();
+    let (status, token) = http
+        .call(
+            "POST",
+            &control.url("/v1/admin/workers/registration-tokens"),
+            Auth::Jwt(&admin_jwt),
+            Some(json!({"name": "rack-1"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+
+    // A worker registers over REST and joins over QUIC.
+    let (key_pem, csr) = roost_control::pki::new_key_and_csr().unwrap();
+    let (status, reg) = http
+        .call(
+            "POST",
+            &control.url("/v1/workers/register"),
+            Auth::None,
+            Some(json!({"token": token["token"], "csr": csr})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reg}");
+    let worker_id = reg["workerId"].as_str().unwrap().to_owned();
+    let identity = Identity {
+        worker_id: worker_id.clone(),
+        ca_pem: reg["caCertificatePem"].as_str().unwrap().to_owned(),
+        cert_pem: reg["certificatePem"].as_str().unwrap().to_owned(),
+        key_pem,
+        server_name: reg["serverName"].as_str().unwrap().to_owned(),
+        control_addr: reg["channelAddress"].as_str().unwrap().parse().unwrap(),
+    };
+    let worker = Arc::new(MapWorker::default());
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: worker_id.clone(),
+        worker_version: "serve-control-test".into(),
+        capacity: Capacity {
+            vcpus: 64,
+            memory_mib: 64 * 1024,
+            disk_mib: 1024 * 1024,
+            max_sandboxes: 8,
+        },
+        templates: vec!["base".into()],
+        usage: Usage::default(),
+        sandboxes: Vec::new(),
+    };
+    let session = Session::join(&identity, hello, worker.clone())
+        .await
+        .expect("worker joins over QUIC");
+
+    // A tenant's API key creates an E2B sandbox; it lands on that worker.
+    let (status, user) = http
+        .call(
+            "POST",
+            &control.url("/v1/auth/signup"),
+            Auth::None,
+            Some(json!({"email": "dev@example.com", "password": "password123"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{user}");
+    let (status, key) = http
+        .call(
+            "POST",
+            &control.url(&format!(
+                "/v1/teams/{}/api-keys",
+                user["teamId"].as_str().unwrap()
+            )),
+            Auth::Jwt(user["token"].as_str().unwrap()),
+            Some(json!({"name": "ci"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let key = key["key"].as_str().unwrap().to_owned();
+    let (status, created) = http
+        .call(
+            "POST",
+            &control.url("/v2/sandboxes"),
+            Auth::Key(&key),
+            Some(json!({"templateID": "base"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["sandboxID"].as_str().unwrap().to_owned();
+    assert!(worker.held.lock().unwrap().contains_key(&id));
+    let (status, info) = http
+        .call(
+            "GET",
+            &control.url(&format!("/v1/sandboxes/{id}")),
+            Auth::Key(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["hostId"], worker_id.as_str());
+    assert_eq!(info["state"], "running");
+
+    let (status, body) = http
+        .call(
+            "DELETE",
+            &control.url(&format!("/sandboxes/{id}")),
+            Auth::Key(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(*worker.kills.lock().unwrap(), vec![id.clone()]);
+    assert!(!worker.held.lock().unwrap().contains_key(&id));
+
+    // SIGTERM: exit 0 promptly, the worker's connection is closed, nothing listens.
+    let api = control.api;
+    let channel = identity.control_addr;
+    let status = tokio::task::spawn_blocking(move || control.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    tokio::time::timeout(Duration::from_secs(5), session.closed())
+        .await
+        .expect("control closed the worker connection on shutdown");
+    assert!(
+        std::net::TcpStream::connect(api).is_err(),
+        "something still listens on {api}"
+    );
+    // The QUIC port is free again: binding it succeeds.
+    std::net::UdpSocket::bind(channel).expect("worker channel port released");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_places_kills_and_shuts_down_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    smoke(dir.path(), &[]).await;
+    // The data dir holds what the next start needs, with private keys private.
+    for (file, private) in [
+        ("control.db", false),
+        ("worker-ca.pem", false),
+        ("worker-ca.key", true),
+        ("session-secret", true),
+    ] {
+        let meta = std::fs::metadata(dir.path().join(file))
+            .unwrap_or_else(|e| panic!("{file} missing: {e}"));
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(meta.permissions().mode() & 0o077, 0, "{file} is not 0600");
+        }
+    }
+    // A restart on the same data dir keeps the admin (idempotent bootstrap) and works again.
+    smoke_restart(dir.path()).await;
+}
+
+/// A second start on an existing data dir: the bootstrap reports the existing admin.
+async fn smoke_restart(data_dir: &std::path::Path) {
+    let control = Control::start(data_dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let http = Http::new();
+    wait_healthy(&http, &control).await;
+    let (status, _) = http
+        .call(
+            "POST",
+            &control.url("/v1/auth/login"),
+            Auth::None,
+            Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let status = tokio::task::spawn_blocking(move || control.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_places_kills_and_shuts_down_on_postgres() {
+    let admin_url = std::env::var("ROOST_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        "postgres://roost_test:roost_test@127.0.0.1:5432/roost_test".to_owned()
+    });
+    sqlx::any::install_default_drivers();
+    let name = format!(
+        "roost_serve_{}",
+        roost_control::store::random_id("", 8).unwrap()
+    );
+    let mut admin = sqlx::AnyConnection::connect(&admin_url)
+        .await
+        .expect("PostgreSQL must be reachable (set ROOST_TEST_POSTGRES_URL)");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (base, query) = admin_url
+        .split_once('?')
+        .map_or((admin_url.as_str(), None), |(b, q)| (b, Some(q)));
+    let prefix = base.rsplit_once('/').map_or(base, |(p, _)| p);
+    let url = match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = tokio::spawn({
+        let dir = dir.path().to_owned();
+        async move { smoke(&dir, &["--database-url", &url]).await }
+    })
+    .await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    // SQLite was not used.
+    assert!(!dir.path().join("control.db").exists());
+}
+
+#[test]
+fn refuses_a_bad_database_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Control::start(dir.path(), &["--database-url", "mysql://localhost/x"])
+        .err()
+        .expect("a mysql URL is refused");
+    assert!(
+        err.contains("sqlite:") && err.contains("postgres://"),
+        "message should say which URLs work: {err}"
+    );
+    // An unreachable PostgreSQL fails quickly with the target named, password hidden.
+    let started = Instant::now();
+    let err = Control::start(
+        dir.path(),
+        &["--database-url", "postgres://u:hunter2@127.0.0.1:1/x"],
+    )
+    .err()
+    .expect("an unreachable database is refused");
+    assert!(
+        err.contains("cannot open the database postgres://u@127.0.0.1:1/x"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "password leaked: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn refuses_an_occupied_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = Control::start(dir.path(), &["--listen", &addr])
+        .err()
+        .expect("an occupied port is refused");
+    assert!(err.contains(&addr) && err.contains("in use"), "{err}");
+
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap().to_string();
+    let err = Control::start(dir.path(), &["--channel-listen", &addr])
+        .err()
+        .expect("an occupied channel port is refused");
+    assert!(
+        err.contains(&addr) && err.contains("--channel-listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn refuses_loose_ca_key_and_unusable_data_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (status, out, err) = run_roost(
+        &[
+            "control",
+            "admin",
+            "create",
+            "--email",
+            "a@example.com",
+            "--data-dir",
+        ]
+        .into_iter()
+        .chain([dir.path().to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        &[("ROOST_ADMIN_PASSWORD", "password123")],
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.contains("created platform administrator a@example.com"),
+        "{out}"
+    );
+    // Idempotent.
+    let (status, out, err) = run_roost(
+        &[
+            "control",
+            "admin",
+            "create",
+            "--email",
+            "a@example.com",
+            "--data-dir",
+        ]
+        .into_iter()
+        .chain([dir.path().to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("already a platform administrator"), "{out}");
+
+    // Create the CA with a first (short) run, then loosen its key.
+    let control = Control::start(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    drop(control);
+    let key = dir.path().join("worker-ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Control::start(dir.path(), &[])
+        .err()
+        .expect("loose CA key refused");
+    assert!(err.contains("chmod 600"), "{err}");
+
+    // A data dir that is a regular file.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let err = Control::start(&file, &[])
+        .err()
+        .expect("file as data dir refused");
+    assert!(
+        err.contains("data directory") && err.contains("not-a-dir"),
+        "{err}"
+    );
+}
+
+#[test]
+fn refuses_unreachable_redis_and_inconsistent_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let err = Control::start(dir.path(), &["--redis-url", "redis://127.0.0.1:1"])
+        .err()
+        .expect("an unreachable Redis is refused");
+    assert!(
+        err.contains("cannot connect to Redis at redis://127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let err = Control::start(
+        dir.path(),
+        &["--heartbeat-interval", "2s", "--host-lost-after", "1s"],
+    )
+    .err()
+    .expect("lost-after shorter than a heartbeat is refused");
+    assert!(err.contains("more than one heartbeat interval"), "{err}");
+    let err = Control::start(dir.path(), &["--heartbeat-interval", "5h"])
+        .err()
+        .expect("unknown unit refused");
+    assert!(err.contains("unknown unit"), "{err}");
+}
