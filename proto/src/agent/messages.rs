@@ -7,7 +7,7 @@
 //! | exec | `Request{op: exec}`, then stdin data, `CloseStdin`, `Signal` in any order | `Started{pid}`, stdout/stderr data, then `Exited` last |
 //! | read_file | `Request{op: read_file}` | `FileInfo`, file data, then `Done{bytes}` |
 //! | write_file | `Request{op: write_file}`, waits for `Accepted`, file data, `End` | `Accepted`, then `Done{bytes}` after `End` |
-//! | forward | `Request{op: forward}` | `Connected`, then both sides send raw bytes (no frames) |
+//! | forward | `Request{op: forward, port}` or `{op: forward, target: envd_init}` (v2) | `Connected`, then both sides send raw bytes (no frames) |
 //!
 //! Any step may instead get an `Error` from the agent, after which it closes the connection.
 
@@ -25,11 +25,25 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request for `op` in this build's protocol version.
+    /// A request for `op`, carrying the oldest protocol version that has it: an older agent
+    /// still serves the operations it knows, and refuses newer ones with
+    /// [`ErrorKind::UnsupportedVersion`] instead of misreading them.
     pub fn new(op: Operation) -> Self {
         Self {
-            version: super::PROTOCOL_VERSION,
+            version: op.required_version(),
             op,
+        }
+    }
+}
+
+impl Operation {
+    /// The oldest protocol version that has this operation.
+    pub fn required_version(&self) -> u32 {
+        match self {
+            Self::Forward(forward) => forward.required_version(),
+            Self::Hello | Self::Health | Self::Exec(_) | Self::ReadFile(_) | Self::WriteFile(_) => {
+                1
+            }
         }
     }
 }
@@ -112,10 +126,79 @@ pub struct WriteFileRequest {
     pub owner: Option<UserSpec>,
 }
 
-/// Connect to `127.0.0.1:port` inside the guest and splice bytes both ways.
+/// What a forward connects to inside the guest; bytes are then spliced both ways.
+///
+/// On the wire the fields sit next to `op`: `{"op":"forward","port":8080}` (version 1) or
+/// `{"op":"forward","target":"envd_init"}` (version 2). The envd init socket is named, never a
+/// path: the client cannot point the agent at an arbitrary socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ForwardRequest {
-    pub port: u16,
+#[serde(try_from = "ForwardWire", into = "ForwardWire")]
+pub enum ForwardRequest {
+    /// `127.0.0.1:port`.
+    Tcp { port: u16 },
+    /// The envd API's private Unix socket that serves `POST /init` (the path the agent was
+    /// configured with).
+    EnvdInit,
+}
+
+impl ForwardRequest {
+    /// The oldest protocol version that has this target.
+    pub fn required_version(self) -> u32 {
+        match self {
+            Self::Tcp { .. } => 1,
+            Self::EnvdInit => 2,
+        }
+    }
+}
+
+/// The wire form of [`ForwardRequest`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct ForwardWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    /// Absent means a TCP port (version 1 requests have no target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<ForwardTargetName>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ForwardTargetName {
+    Tcp,
+    EnvdInit,
+}
+
+impl TryFrom<ForwardWire> for ForwardRequest {
+    type Error = String;
+
+    fn try_from(wire: ForwardWire) -> Result<Self, String> {
+        match (wire.target, wire.port) {
+            (None | Some(ForwardTargetName::Tcp), Some(port)) => Ok(Self::Tcp { port }),
+            (None | Some(ForwardTargetName::Tcp), None) => {
+                Err("a tcp forward needs a `port`".into())
+            }
+            (Some(ForwardTargetName::EnvdInit), None) => Ok(Self::EnvdInit),
+            (Some(ForwardTargetName::EnvdInit), Some(_)) => {
+                Err("an envd_init forward takes no `port`".into())
+            }
+        }
+    }
+}
+
+impl From<ForwardRequest> for ForwardWire {
+    fn from(request: ForwardRequest) -> Self {
+        match request {
+            // No `target`: a version 1 agent reads this request as it always did.
+            ForwardRequest::Tcp { port } => Self {
+                port: Some(port),
+                target: None,
+            },
+            ForwardRequest::EnvdInit => Self {
+                port: None,
+                target: Some(ForwardTargetName::EnvdInit),
+            },
+        }
+    }
 }
 
 /// Messages from the client after its [`Request`].
@@ -331,6 +414,45 @@ mod tests {
     fn unknown_operations_are_rejected() {
         let json = r#"{"version":1,"op":"format_disk"}"#;
         assert!(serde_json::from_str::<Request>(json).is_err());
+    }
+
+    #[test]
+    fn forward_targets_on_the_wire() {
+        let tcp = Request::new(Operation::Forward(ForwardRequest::Tcp { port: 8080 }));
+        let json = serde_json::to_string(&tcp).unwrap();
+        assert_eq!(json, r#"{"version":1,"op":"forward","port":8080}"#);
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), tcp);
+
+        let init = Request::new(Operation::Forward(ForwardRequest::EnvdInit));
+        let json = serde_json::to_string(&init).unwrap();
+        assert_eq!(json, r#"{"version":2,"op":"forward","target":"envd_init"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), init);
+
+        let explicit_tcp = r#"{"version":2,"op":"forward","target":"tcp","port":1}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(explicit_tcp).unwrap().op,
+            Operation::Forward(ForwardRequest::Tcp { port: 1 })
+        );
+    }
+
+    #[test]
+    fn bad_forward_targets_are_rejected_with_a_reason() {
+        for (json, reason) in [
+            (
+                r#"{"version":2,"op":"forward","target":"/run/x.sock"}"#,
+                "unknown variant",
+            ),
+            (r#"{"version":2,"op":"forward"}"#, "needs a `port`"),
+            (
+                r#"{"version":2,"op":"forward","target":"envd_init","port":1}"#,
+                "takes no `port`",
+            ),
+        ] {
+            let error = serde_json::from_str::<Request>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(reason), "{json}: {error}");
+        }
     }
 
     #[test]

@@ -26,16 +26,19 @@
 //! change.
 //!
 //! # Versions
-//! Every request carries the [`PROTOCOL_VERSION`] the client speaks; the agent serves requests
+//! Every request carries the oldest protocol version that has its operation
+//! ([`Operation::required_version`], at most [`PROTOCOL_VERSION`]); the agent serves requests
 //! from [`MIN_PROTOCOL_VERSION`] to its own version and answers others with
 //! [`ErrorKind::UnsupportedVersion`]. Its hello carries both bounds, so the worker can refuse
 //! an agent it cannot talk to before sending anything. Compatible additions (new optional
 //! fields, new error kinds) keep the version; new operations or changed meanings raise it.
 
+pub mod envd_init;
 pub mod frame;
 pub mod messages;
 pub mod muxer;
 
+pub use envd_init::InitRequest;
 pub use frame::{Frame, FrameCodec, FrameError, StreamKind};
 pub use messages::{
     AgentMessage, ClientMessage, ErrorKind, ErrorReply, ExecRequest, ExitStatus, ForwardRequest,
@@ -43,8 +46,9 @@ pub use messages::{
     WriteFileRequest,
 };
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. 2 added forwarding to the envd init socket
+/// ([`ForwardRequest::EnvdInit`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still serves.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 

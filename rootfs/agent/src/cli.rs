@@ -14,6 +14,7 @@ usage: roost-agent                 (as PID 1: initialise the guest and supervise
        roost-agent poweroff        ask PID 1 to stop every process and power the VM off
        roost-agent channel --listen-unix PATH | --listen-vsock PORT
                    [--announce-unix PATH | --announce-vsock CID:PORT]
+                   [--envd-init-socket PATH]
                                    serve the worker's channel (PID 1 does this on vsock)
        roost-agent interpreter [FLAGS]  serve the code interpreter on :49999 (see README)
        roost-agent serve [FLAGS]   serve the E2B envd API on :49983 (see README)
@@ -110,6 +111,7 @@ fn pid1_channel(args: &[String], skip_system_setup: bool) -> Option<Endpoints> {
         Some(path) => Some(Endpoints {
             listen: Listen::Unix(path),
             announce: value("--channel-announce-unix=").map_or(Announce::Nowhere, Announce::Unix),
+            ..Endpoints::default()
         }),
         None if skip_system_setup => None,
         None => Some(Endpoints::default()),
@@ -117,10 +119,11 @@ fn pid1_channel(args: &[String], skip_system_setup: bool) -> Option<Endpoints> {
 }
 
 /// `channel --listen-unix PATH | --listen-vsock PORT [--announce-unix PATH | --announce-vsock
-/// CID:PORT]`.
+/// CID:PORT] [--envd-init-socket PATH]`.
 fn parse_channel(args: &[String]) -> Command {
     let mut listen = None;
     let mut announce = Announce::Nowhere;
+    let mut envd_init_socket = PathBuf::from(crate::envd::DEFAULT_INIT_SOCKET);
     let mut args = args.iter();
     while let Some(flag) = args.next() {
         let Some(value) = args.next() else {
@@ -133,6 +136,7 @@ fn parse_channel(args: &[String]) -> Command {
                 Err(_) => return Command::Usage(format!("bad vsock port `{value}`")),
             },
             "--announce-unix" => announce = Announce::Unix(value.into()),
+            "--envd-init-socket" => envd_init_socket = value.into(),
             "--announce-vsock" => {
                 let parsed = value
                     .split_once(':')
@@ -148,7 +152,11 @@ fn parse_channel(args: &[String]) -> Command {
         }
     }
     match listen {
-        Some(listen) => Command::Channel(Endpoints { listen, announce }),
+        Some(listen) => Command::Channel(Endpoints {
+            listen,
+            announce,
+            envd_init_socket,
+        }),
         None => Command::Usage("`channel` needs --listen-unix PATH or --listen-vsock PORT".into()),
     }
 }
@@ -197,6 +205,7 @@ mod tests {
                 channel: Some(Endpoints {
                     listen: Listen::Unix("/tmp/a.sock".into()),
                     announce: Announce::Unix("/tmp/b.sock".into()),
+                    ..Endpoints::default()
                 }),
             })
         );
@@ -212,6 +221,25 @@ mod tests {
             Command::Channel(Endpoints {
                 listen: Listen::Unix("/tmp/c.sock".into()),
                 announce: Announce::Nowhere,
+                envd_init_socket: crate::envd::DEFAULT_INIT_SOCKET.into(),
+            })
+        );
+        assert_eq!(
+            parse_strs(
+                &[
+                    "roost-agent",
+                    "channel",
+                    "--listen-unix",
+                    "/tmp/c.sock",
+                    "--envd-init-socket",
+                    "/tmp/i.sock"
+                ],
+                false
+            ),
+            Command::Channel(Endpoints {
+                listen: Listen::Unix("/tmp/c.sock".into()),
+                announce: Announce::Nowhere,
+                envd_init_socket: "/tmp/i.sock".into(),
             })
         );
         assert_eq!(

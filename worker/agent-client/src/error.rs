@@ -35,6 +35,12 @@ pub enum Error {
     Unexpected { expected: &'static str, got: String },
     #[error("the agent closed the connection before {0}")]
     Closed(&'static str),
+    /// envd's `/init` answered, but not with success.
+    #[error("envd refused POST /init with HTTP {status}: {body}")]
+    InitRejected { status: u16, body: String },
+    /// envd's answer to `/init` was not a readable HTTP response.
+    #[error("bad HTTP response from envd's /init: {0}")]
+    InitResponse(String),
 }
 
 impl Error {

@@ -1,4 +1,5 @@
-//! Port forwarding: a raw byte stream to `127.0.0.1:PORT` inside the guest.
+//! Port forwarding: a raw byte stream to `127.0.0.1:PORT` inside the guest, or to the envd
+//! API's private init socket.
 
 use std::io;
 
@@ -17,11 +18,23 @@ impl AgentClient {
     /// Connects to `127.0.0.1:port` in the guest. The returned stream carries the TCP
     /// connection's bytes both ways; dropping it closes that connection.
     pub async fn forward_port(&self, port: u16) -> Result<UnixStream, Error> {
+        self.forward(ForwardRequest::Tcp { port }).await
+    }
+
+    /// Connects to the envd API's private init socket in the guest (the one that serves
+    /// `POST /init`; see [`AgentClient::init_sandbox`]). Needs protocol version 2: an older
+    /// agent refuses with [`roost_proto::agent::ErrorKind::UnsupportedVersion`].
+    pub async fn forward_envd_init(&self) -> Result<UnixStream, Error> {
+        self.forward(ForwardRequest::EnvdInit).await
+    }
+
+    /// Sends a forward request and returns the stream once the agent has connected.
+    async fn forward(&self, request: ForwardRequest) -> Result<UnixStream, Error> {
         let mut stream = self.connector.connect().await?;
         let mut codec = FrameCodec::<AgentMessage>::new();
         let mut out = BytesMut::new();
         codec.encode(
-            Frame::Message(Request::new(Operation::Forward(ForwardRequest { port }))),
+            Frame::Message(Request::new(Operation::Forward(request))),
             &mut out,
         )?;
         stream.write_all(&out).await?;

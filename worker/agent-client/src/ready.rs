@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use roost_proto::agent::muxer::host_listener_path;
-use roost_proto::agent::{AgentMessage, Frame, FrameCodec, Hello, PROTOCOL_VERSION, READY_PORT};
+use roost_proto::agent::{
+    AgentMessage, Frame, FrameCodec, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, READY_PORT,
+};
 use tokio::net::UnixListener;
 use tokio_util::codec::FramedRead;
 
@@ -52,7 +54,12 @@ impl ReadyListener {
         let hello = tokio::time::timeout(timeout, self.first_hello())
             .await
             .map_err(|_| ReadyError::Timeout(timeout))??;
-        if !(hello.min_protocol_version..=hello.protocol_version).contains(&PROTOCOL_VERSION) {
+        // Compatible when the version ranges overlap: each request carries the oldest version
+        // that has its operation, so an agent without a newer operation still serves the rest
+        // (and refuses the newer one with `unsupported_version`).
+        if hello.protocol_version < MIN_PROTOCOL_VERSION
+            || hello.min_protocol_version > PROTOCOL_VERSION
+        {
             return Err(ReadyError::Incompatible {
                 min: hello.min_protocol_version,
                 max: hello.protocol_version,

@@ -77,7 +77,10 @@ async fn exec_files_and_hello_from_the_command_line() {
 
         let output = ctl(&agent, &["hello"], b"");
         let hello: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        assert_eq!(hello["protocol_version"], 1);
+        assert_eq!(
+            hello["protocol_version"],
+            roost_proto::agent::PROTOCOL_VERSION
+        );
         agent
     })
     .await

@@ -118,7 +118,8 @@ fn agent_channel_over_vsock_in_host_vm() {
     };
 
     assert_eq!(get("ready"), "0", "the agent announced itself; {all}");
-    assert!(stdout.contains(r#"HELLO {"protocol_version":1"#), "{all}");
+    // Any version: the image's agent may predate this checkout's (ready.rs checks the range).
+    assert!(stdout.contains(r#"HELLO {"protocol_version":"#), "{all}");
     assert_eq!(get("health"), "0", "{all}");
     assert!(stdout.contains(r#""memory":{"total_kib":"#), "{all}");
     assert_eq!(get("echo"), "0", "{all}");

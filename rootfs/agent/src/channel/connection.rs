@@ -18,7 +18,8 @@ pub type Conn = Framed<Box<dyn Io>, FrameCodec<ClientMessage>>;
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves one connection to its end. Never panics on client input; errors go to the client.
-pub async fn serve(io: Box<dyn Io>) {
+/// `envd_init_socket` is where a forward to the envd init socket connects.
+pub async fn serve(io: Box<dyn Io>, envd_init_socket: &std::path::Path) {
     let mut framed = Framed::new(io, FrameCodec::<Request>::new());
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, framed.next()).await {
         Err(_elapsed) => Err(ErrorReply::new(
@@ -40,7 +41,9 @@ pub async fn serve(io: Box<dyn Io>) {
     };
     let result = match op {
         // A forward hands the whole connection over to the splice.
-        Operation::Forward(forward) => return forward::run(forward, conn).await,
+        Operation::Forward(forward) => {
+            return forward::run(forward, conn, envd_init_socket).await;
+        }
         Operation::Hello => send(&mut conn, AgentMessage::Hello(status::hello())).await,
         Operation::Health => send(&mut conn, AgentMessage::Health(status::health())).await,
         Operation::Exec(exec) => exec::run(exec, &mut conn).await,

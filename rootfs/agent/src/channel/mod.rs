@@ -1,5 +1,6 @@
 //! The worker's channel into the guest: the agent side of the protocol in
-//! `roost_proto::agent` (hello, health, exec, file read/write, port forwarding).
+//! `roost_proto::agent` (hello, health, exec, file read/write, port forwarding, and a
+//! relay to the envd API's private init socket).
 //!
 //! Inside a VM, PID 1 starts it on a thread of its own ([`spawn`]) after system setup: it
 //! listens on vsock port [`roost_proto::agent::AGENT_PORT`] and announces itself to the host
@@ -21,6 +22,7 @@ mod status;
 mod transport;
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
@@ -32,11 +34,23 @@ use crate::say;
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 256;
 
-/// Where the channel listens and whom it tells that it is ready.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Where the channel listens, whom it tells that it is ready, and where the envd API's
+/// private init socket is (the one place `forward` with target `envd_init` connects to).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoints {
     pub listen: Listen,
     pub announce: Announce,
+    pub envd_init_socket: PathBuf,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Self {
+            listen: Listen::default(),
+            announce: Announce::default(),
+            envd_init_socket: crate::envd::DEFAULT_INIT_SOCKET.into(),
+        }
+    }
 }
 
 /// Starts the channel on its own thread (PID 1: init's loop stays on the main thread and
@@ -95,6 +109,7 @@ async fn serve(endpoints: &Endpoints, reaper: Reaper) -> io::Result<()> {
     if endpoints.announce != Announce::Nowhere {
         tokio::spawn(announce::hello(endpoints.announce.clone()));
     }
+    let envd_init_socket: Arc<Path> = Arc::from(endpoints.envd_init_socket.as_path());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let slot = Arc::clone(&slots)
@@ -103,8 +118,9 @@ async fn serve(endpoints: &Endpoints, reaper: Reaper) -> io::Result<()> {
             .map_err(io::Error::other)?;
         match listener.accept().await {
             Ok(io) => {
+                let envd_init_socket = Arc::clone(&envd_init_socket);
                 tokio::spawn(async move {
-                    connection::serve(io).await;
+                    connection::serve(io, &envd_init_socket).await;
                     drop(slot);
                 });
             }
