@@ -24,7 +24,7 @@ use crate::auth::password::{self, HashCost};
 use crate::lifecycle::{Sandboxes, reaper};
 use crate::pki::{ControlCa, PkiError};
 use crate::ratelimit::shared::{SharedError, SharedWindows};
-use crate::store::{ConnectError, Db, StoreError, users};
+use crate::store::{ConnectError, Db, StoreError, audit, users};
 use crate::workers::{ChannelConfig, ChannelError, WorkerChannel};
 
 /// Name of the generated session-signing secret in the data directory.
@@ -446,6 +446,22 @@ fn normalise_email(raw: &str) -> Option<String> {
     valid.then_some(email)
 }
 
+/// Records that the operator made `user` a platform administrator (actor: system).
+async fn audit_admin(db: &Db, user: &users::User, action: &str) -> Result<(), StoreError> {
+    audit::record(
+        db.pool(),
+        audit::Event {
+            team_id: Some(&user.default_team_id),
+            actor: &audit::Actor::System,
+            action,
+            target_kind: "user",
+            target_id: Some(&user.id),
+            details: serde_json::json!({"platformAdmin": true}),
+        },
+    )
+    .await
+}
+
 /// Makes `email` a platform administrator: creates the user (with a personal team) and
 /// `password` if absent, promotes them otherwise. Idempotent.
 pub async fn bootstrap_admin(
@@ -459,6 +475,9 @@ pub async fn bootstrap_admin(
         let was_admin = users::is_platform_admin(db, &user.id).await?;
         if !users::set_platform_admin(db, &user.id, true).await? {
             return Err(AdminError::Vanished(user.id));
+        }
+        if !was_admin {
+            audit_admin(db, &user, "user.platform_admin.grant").await?;
         }
         return Ok(AdminOutcome::Promoted {
             user_id: user.id,
@@ -481,6 +500,7 @@ pub async fn bootstrap_admin(
                 .await?
                 .ok_or_else(|| AdminError::Vanished(email.clone()))?;
             users::set_platform_admin(db, &user.id, true).await?;
+            audit_admin(db, &user, "user.platform_admin.grant").await?;
             return Ok(AdminOutcome::Promoted {
                 user_id: user.id,
                 was_admin: false,
@@ -488,6 +508,7 @@ pub async fn bootstrap_admin(
         }
     };
     users::set_platform_admin(db, &user.id, true).await?;
+    audit_admin(db, &user, "user.platform_admin.create").await?;
     tracing::info!(user = %user.id, "created platform administrator");
     Ok(AdminOutcome::Created { user_id: user.id })
 }
@@ -553,6 +574,15 @@ mod tests {
             panic!("expected a new user, got {created:?}");
         };
         assert!(users::is_platform_admin(&db, &user_id).await.unwrap());
+        let team = users::by_id(&db, &user_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .default_team_id;
+        let entries = audit::list(&db, &team, None, None, 10).await.unwrap();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(entries[0].action, "user.platform_admin.create");
+        assert_eq!(entries[0].actor_kind, "system");
         assert_eq!(
             bootstrap_admin(&db, "ops@example.com", "ignored!!", HashCost::TESTING)
                 .await

@@ -133,9 +133,14 @@ impl Control {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
+    fn terminate(self) -> std::process::ExitStatus {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `signal` and waits for the exit status.
+    fn stop_with(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(pid, signal).unwrap();
         let deadline = Instant::now() + EXIT_WITHIN;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -144,7 +149,7 @@ impl Control {
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
                 panic!(
-                    "roost did not exit within {EXIT_WITHIN:?} of SIGTERM; stderr:\n{}",
+                    "roost did not exit within {EXIT_WITHIN:?} of {signal}; stderr:\n{}",
                     self.stderr.lock().unwrap()
                 );
             }
@@ -456,7 +461,8 @@ async fn serves_places_kills_and_shuts_down_on_sqlite() {
     smoke_restart(dir.path()).await;
 }
 
-/// A second start on an existing data dir: the bootstrap reports the existing admin.
+/// A second start on an existing data dir keeps the admin's password; Ctrl-C (SIGINT) stops
+/// it as cleanly as SIGTERM.
 async fn smoke_restart(data_dir: &std::path::Path) {
     let control = Control::start(data_dir, &[]).unwrap_or_else(|e| panic!("{e}"));
     let http = Http::new();
@@ -470,9 +476,10 @@ async fn smoke_restart(data_dir: &std::path::Path) {
         )
         .await;
     assert_eq!(status, 200);
-    let status = tokio::task::spawn_blocking(move || control.terminate())
-        .await
-        .unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || control.stop_with(nix::sys::signal::Signal::SIGINT))
+            .await
+            .unwrap();
     assert!(status.success(), "exit status {status}");
 }
 
