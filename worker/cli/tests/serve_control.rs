@@ -172,6 +172,7 @@ fn run_roost(args: &[&str], envs: &[(&str, &str)]) -> (std::process::ExitStatus,
     let mut cmd = Command::new(ROOST);
     cmd.args(args)
         .env_remove("ROOST_DATABASE_URL")
+        .env_remove("ROOST_ADMIN_PASSWORD")
         .stdin(Stdio::null());
     for (k, v) in envs {
         cmd.env(k, v);
@@ -576,22 +577,33 @@ fn refuses_an_occupied_port() {
     );
 }
 
-#[test]
-fn refuses_loose_ca_key_and_unusable_data_dir() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let (status, out, err) = run_roost(
+/// `roost control admin create --email EMAIL` on `dir`, with `envs`.
+fn admin_create(
+    dir: &std::path::Path,
+    email: &str,
+    envs: &[(&str, &str)],
+) -> (std::process::ExitStatus, String, String) {
+    let dir = dir.to_str().unwrap();
+    run_roost(
         &[
             "control",
             "admin",
             "create",
             "--email",
-            "a@example.com",
+            email,
             "--data-dir",
-        ]
-        .into_iter()
-        .chain([dir.path().to_str().unwrap()])
-        .collect::<Vec<_>>(),
+            dir,
+        ],
+        envs,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_create_is_idempotent_and_a_generated_password_logs_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, out, err) = admin_create(
+        dir.path(),
+        "a@example.com",
         &[("ROOST_ADMIN_PASSWORD", "password123")],
     );
     assert!(status.success(), "{out}{err}");
@@ -599,25 +611,60 @@ fn refuses_loose_ca_key_and_unusable_data_dir() {
         out.contains("created platform administrator a@example.com"),
         "{out}"
     );
-    // Idempotent.
-    let (status, out, err) = run_roost(
-        &[
-            "control",
-            "admin",
-            "create",
-            "--email",
-            "a@example.com",
-            "--data-dir",
-        ]
-        .into_iter()
-        .chain([dir.path().to_str().unwrap()])
-        .collect::<Vec<_>>(),
-        &[],
+    assert!(
+        !out.contains("password123"),
+        "a given password is not echoed: {out}"
     );
+    let (status, out, err) = admin_create(dir.path(), "a@example.com", &[]);
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("already a platform administrator"), "{out}");
+    let (status, out, err) = admin_create(dir.path(), "not-an-email", &[]);
+    assert!(!status.success(), "{out}");
+    assert!(err.contains("not a valid email address"), "{err}");
 
-    // Create the CA with a first (short) run, then loosen its key.
+    // Without ROOST_ADMIN_PASSWORD a password is generated and shown once; it works.
+    let (status, out, err) = admin_create(dir.path(), "b@example.com", &[]);
+    assert!(status.success(), "{out}{err}");
+    let password = out
+        .split("password (shown once): ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no generated password in {out:?}"))
+        .trim()
+        .to_owned();
+    assert!(password.len() >= 16, "{password}");
+    let control = Control::start(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let http = Http::new();
+    wait_healthy(&http, &control).await;
+    let (status, session) = http
+        .call(
+            "POST",
+            &control.url("/v1/auth/login"),
+            Auth::None,
+            Some(json!({"email": "b@example.com", "password": password})),
+        )
+        .await;
+    assert_eq!(status, 200, "{session}");
+    // b is a platform admin: may list hosts.
+    let (status, hosts) = http
+        .call(
+            "GET",
+            &control.url("/v1/admin/hosts"),
+            Auth::Jwt(session["token"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{hosts}");
+    let status = tokio::task::spawn_blocking(move || control.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn refuses_loose_key_files_and_an_unusable_data_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Create the CA with a first run, then loosen its key.
     let control = Control::start(dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
     drop(control);
     let key = dir.path().join("worker-ca.key");
@@ -625,7 +672,32 @@ fn refuses_loose_ca_key_and_unusable_data_dir() {
     let err = Control::start(dir.path(), &[])
         .err()
         .expect("loose CA key refused");
-    assert!(err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("worker-ca.key") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A session secret file others can read, or one that does not exist.
+    let secret = dir.path().join("my-secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let secret_arg = secret.to_str().unwrap();
+    let err = Control::start(dir.path(), &["--jwt-secret-file", secret_arg])
+        .err()
+        .expect("loose secret refused");
+    assert!(
+        err.contains("my-secret") && err.contains("chmod 600"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing-secret");
+    let err = Control::start(
+        dir.path(),
+        &["--jwt-secret-file", missing.to_str().unwrap()],
+    )
+    .err()
+    .expect("missing secret refused");
+    assert!(err.contains("missing-secret"), "{err}");
 
     // A data dir that is a regular file.
     let file = dir.path().join("not-a-dir");
