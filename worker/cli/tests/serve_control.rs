@@ -293,17 +293,18 @@ async fn wait_healthy(http: &Http, control: &Control) {
     }
 }
 
-/// The whole operator path on one running binary; returns after a clean SIGTERM.
-async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
-    let control = Control::start(data_dir, extra).unwrap_or_else(|e| panic!("{e}"));
-    let http = Http::new();
-    wait_healthy(&http, &control).await;
-    let (status, doc) = http
-        .call("GET", &control.url("/openapi.json"), Auth::None, None)
-        .await;
-    assert_eq!(status, 200);
-    assert!(doc["paths"]["/v2/sandboxes"].is_object());
+/// A worker joined over QUIC and a tenant's API key, on a running control.
+struct Joined {
+    session: Session,
+    worker: Arc<MapWorker>,
+    worker_id: String,
+    channel: SocketAddr,
+    key: String,
+}
 
+/// The bootstrapped admin issues a registration token, a [`MapWorker`] registers and joins,
+/// and a tenant signs up and creates an API key.
+async fn join_worker_and_tenant(http: &Http, control: &Control) -> Joined {
     // The bootstrapped admin logs in and issues a registration token.
     let (status, session) = http
         .call(
@@ -387,6 +388,33 @@ async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
         .await;
     assert_eq!(status, 201, "{key}");
     let key = key["key"].as_str().unwrap().to_owned();
+    Joined {
+        session,
+        worker,
+        worker_id,
+        channel: identity.control_addr,
+        key,
+    }
+}
+
+/// The whole operator path on one running binary; returns after a clean SIGTERM.
+async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
+    let control = Control::start(data_dir, extra).unwrap_or_else(|e| panic!("{e}"));
+    let http = Http::new();
+    wait_healthy(&http, &control).await;
+    let (status, doc) = http
+        .call("GET", &control.url("/openapi.json"), Auth::None, None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(doc["paths"]["/v2/sandboxes"].is_object());
+
+    let Joined {
+        session,
+        worker,
+        worker_id,
+        channel,
+        key,
+    } = join_worker_and_tenant(&http, &control).await;
     let (status, created) = http
         .call(
             "POST",
@@ -424,7 +452,6 @@ async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
 
     // SIGTERM: exit 0 promptly, the worker's connection is closed, nothing listens.
     let api = control.api;
-    let channel = identity.control_addr;
     let status = tokio::task::spawn_blocking(move || control.terminate())
         .await
         .unwrap();
@@ -739,4 +766,97 @@ fn refuses_unreachable_redis_and_inconsistent_timings() {
         .err()
         .expect("unknown unit refused");
     assert!(err.contains("unknown unit"), "{err}");
+}
+
+/// Polls `GET /v1/sandboxes/{id}` until its state is `want`, for at most `within`.
+async fn wait_for_state(
+    http: &Http,
+    control: &Control,
+    key: &str,
+    id: &str,
+    want: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, info) = http
+            .call(
+                "GET",
+                &control.url(&format!("/v1/sandboxes/{id}")),
+                Auth::Key(key),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{info}");
+        if info["state"] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sandbox {id} not {want} within {within:?}: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The background tasks the binary spawns act: the reaper kills a sandbox whose timeout
+/// passed (on the worker too), and the lost-host sweep marks a silent worker's sandbox lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn reaper_and_lost_host_sweep_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Control::start(
+        dir.path(),
+        &["--heartbeat-interval", "100ms", "--host-lost-after", "1s"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let http = Http::new();
+    wait_healthy(&http, &control).await;
+    let joined = join_worker_and_tenant(&http, &control).await;
+    let create = |timeout: u64| {
+        let http = &http;
+        let control = &control;
+        let key = joined.key.clone();
+        async move {
+            let (status, created) = http
+                .call(
+                    "POST",
+                    &control.url("/v2/sandboxes"),
+                    Auth::Key(&key),
+                    Some(json!({"templateID": "base", "timeout": timeout})),
+                )
+                .await;
+            assert_eq!(status, 201, "{created}");
+            created["sandboxID"].as_str().unwrap().to_owned()
+        }
+    };
+    // Reaper (every 5 s): a 1 s timeout ends in a kill on the worker.
+    let short = create(1).await;
+    let long = create(600).await;
+    wait_for_state(
+        &http,
+        &control,
+        &joined.key,
+        &short,
+        "killed",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(joined.worker.kills.lock().unwrap().contains(&short));
+
+    // Lost-host sweep: the worker stops heartbeating; its running sandbox becomes lost.
+    joined.session.halt();
+    wait_for_state(
+        &http,
+        &control,
+        &joined.key,
+        &long,
+        "lost",
+        Duration::from_secs(15),
+    )
+    .await;
+
+    let status = tokio::task::spawn_blocking(move || control.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
 }
