@@ -429,12 +429,15 @@ async fn a_vanished_worker_loses_its_sandboxes_within_the_bound(app: TestApp) {
     for id in [&running, &paused] {
         wait_for_state(&app, &key, id, "lost").await;
     }
-    let host = hosts::get(&app.db, &w.creds.worker_id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(host.state, "lost");
-    assert!(app.channel().registry().connected().is_empty());
+    // The host row, the registry and the audit log follow the sweep, not atomically with it.
+    eventually("the host marked lost and disconnected", WAIT, || async {
+        let host = hosts::get(&app.db, &w.creds.worker_id)
+            .await
+            .unwrap()
+            .unwrap();
+        (host.state == "lost" && app.channel().registry().connected().is_empty()).then_some(())
+    })
+    .await;
     // Control closed the silent connection.
     let closed = tokio::time::timeout(WAIT, w.closed()).await.unwrap();
     assert!(
@@ -446,16 +449,24 @@ async fn a_vanished_worker_loses_its_sandboxes_within_the_bound(app: TestApp) {
     );
 
     // Audited by the system.
-    let actions: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT action, target_id FROM audit_log WHERE actor_kind = 'system' ORDER BY id",
+    eventually(
+        "system audit entries for the host and its sandboxes",
+        WAIT,
+        || async {
+            let actions: Vec<(String, Option<String>)> = sqlx::query_as(
+                "SELECT action, target_id FROM audit_log WHERE actor_kind = 'system' ORDER BY id",
+            )
+            .fetch_all(app.db.pool())
+            .await
+            .unwrap();
+            (actions.contains(&("host.lost".into(), Some(w.creds.worker_id.clone())))
+                && [&running, &paused]
+                    .iter()
+                    .all(|id| actions.contains(&("sandbox.lost".into(), Some((*id).clone())))))
+            .then_some(())
+        },
     )
-    .fetch_all(app.db.pool())
-    .await
-    .unwrap();
-    assert!(actions.contains(&("host.lost".into(), Some(w.creds.worker_id.clone()))));
-    for id in [&running, &paused] {
-        assert!(actions.contains(&("sandbox.lost".into(), Some(id.clone()))));
-    }
+    .await;
 
     // New sandboxes have nowhere to go; a lost sandbox can still be killed.
     let r = app
@@ -554,14 +565,19 @@ async fn reconnect_reconciles_both_ways(app: TestApp) {
     let book = back.disconnect().await;
     let _again = TestWorker::connect(&creds, profile, book).await.unwrap();
     wait_for_state(&app, &key, &survivor, "lost").await;
-    let reappeared: Vec<(Option<String>,)> = sqlx::query_as(
-        "SELECT target_id FROM audit_log WHERE actor_kind = 'system' AND action = 'sandbox.reappeared'",
-    )
-    .fetch_all(app.db.pool())
-    .await
-    .unwrap();
-    assert!(reappeared.contains(&(Some(survivor.clone()),)));
-    assert!(reappeared.contains(&(Some(paused.clone()),)));
+    // The audit entries are written beside the state changes, not atomically with them.
+    eventually("audit entries for both reappeared sandboxes", WAIT, || async {
+        let reappeared: Vec<(Option<String>,)> = sqlx::query_as(
+            "SELECT target_id FROM audit_log WHERE actor_kind = 'system' AND action = 'sandbox.reappeared'",
+        )
+        .fetch_all(app.db.pool())
+        .await
+        .unwrap();
+        (reappeared.contains(&(Some(survivor.clone()),))
+            && reappeared.contains(&(Some(paused.clone()),)))
+        .then_some(())
+    })
+    .await;
 }
 
 async fn a_replacing_connection_takes_over_and_the_old_one_is_closed(app: TestApp) {
