@@ -19,9 +19,42 @@ use roost_worker::vm_handle::{
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// SIGINT, forwarded to the command on the first Ctrl-C.
 const SIGINT: i32 = 2;
+
+/// A stop request to this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+}
+
+/// SIGINT and SIGTERM, caught from before the VM boots so that neither can end this process
+/// without freeing the VM (a signal during boot abandons the boot, which frees everything).
+struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot catch SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot catch SIGTERM")?,
+        })
+    }
+
+    async fn next(&mut self) -> Stop {
+        tokio::select! {
+            _ = self.interrupt.recv() => Stop::Interrupt,
+            _ = self.terminate.recv() => Stop::Terminate,
+        }
+    }
+}
 
 /// Boot a sandbox microVM, run CMD in it, shut it down, exit with CMD's status.
 #[derive(clap::Args, Debug)]
@@ -138,9 +171,11 @@ fn config_from(args: &SandboxRunArgs) -> anyhow::Result<VmHandleConfig> {
 }
 
 async fn run_sandbox(args: SandboxRunArgs, config: VmHandleConfig) -> anyhow::Result<i32> {
-    let vm = VmHandle::boot(config)
-        .await
-        .context("the sandbox did not boot")?;
+    let mut stops = StopSignals::install()?;
+    let vm = tokio::select! {
+        vm = VmHandle::boot(config) => vm.context("the sandbox did not boot")?,
+        stop = stops.next() => bail!("stopped by {stop:?} while the sandbox booted"),
+    };
     eprintln!(
         "roost: sandbox ready in {} ms (agent {} on {})",
         vm.boot_to_ready().as_millis(),
@@ -160,11 +195,11 @@ async fn run_sandbox(args: SandboxRunArgs, config: VmHandleConfig) -> anyhow::Re
         forwards.push(vm.serve_forward(listener, guest_port));
     }
 
-    let status = run_command(&vm, &args.command).await;
+    let status = run_command(&vm, &args.command, &mut stops).await;
     if status.is_ok() && !forwards.is_empty() {
         eprintln!("roost: the command ended; serving forwards until Ctrl-C");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = stops.next() => {}
             exit = vm.exited() => eprintln!("roost: the VM stopped: {exit}"),
         }
     }
@@ -189,7 +224,13 @@ async fn run_sandbox(args: SandboxRunArgs, config: VmHandleConfig) -> anyhow::Re
 }
 
 /// Runs `command` to its end, streaming its output; its exit code (128+N for signal N).
-async fn run_command(vm: &VmHandle, command: &[String]) -> anyhow::Result<i32> {
+/// The first Ctrl-C is passed on to the command as SIGINT; a second one, or SIGTERM, kills the
+/// command's process group (the VM is then shut down as usual).
+async fn run_command(
+    vm: &VmHandle,
+    command: &[String],
+    stops: &mut StopSignals,
+) -> anyhow::Result<i32> {
     let mut exec = vm
         .exec(exec_argv(command.iter().cloned()))
         .await
@@ -203,10 +244,15 @@ async fn run_command(vm: &VmHandle, command: &[String]) -> anyhow::Result<i32> {
             exit = vm.exited() => {
                 bail!("the VM stopped while the command ran: {exit}\n{}", vm.logs());
             }
-            _ = tokio::signal::ctrl_c(), if !interrupted => {
-                interrupted = true;
-                eprintln!("roost: interrupting the command (Ctrl-C again kills the sandbox)");
-                exec.signal(SIGINT).await.context("cannot signal the command")?;
+            stop = stops.next() => {
+                if stop == Stop::Interrupt && !interrupted {
+                    interrupted = true;
+                    eprintln!("roost: interrupting the command (Ctrl-C again kills it)");
+                    exec.signal(SIGINT).await.context("cannot signal the command")?;
+                } else {
+                    eprintln!("roost: killing the command ({stop:?})");
+                    exec.kill().await.context("cannot kill the command")?;
+                }
                 continue;
             }
         };

@@ -286,9 +286,6 @@ fn vmm_command(
         .arg("--serial-log")
         .arg(dir.serial_log())
         .args(["--seccomp", config.seccomp.as_arg()])
-        // One malloc arena: a new arena's mmap/mprotect from the device thread is outside its
-        // seccomp allowlist (the VMM's own host-VM tests do the same until that is fixed).
-        .env("MALLOC_ARENA_MAX", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
