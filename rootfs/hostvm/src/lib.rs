@@ -28,6 +28,7 @@ pub mod modules;
 pub mod overlay;
 pub mod protocol;
 pub mod qemu;
+pub mod script;
 mod vm;
 
 use std::path::PathBuf;

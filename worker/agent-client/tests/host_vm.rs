@@ -12,11 +12,10 @@
 //! channel also proves the device thread's allowlist; the script prints any seccomp audit
 //! lines (`SECCOMP`) to make a refusal easy to diagnose.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roost_hostvm::HostVm;
-use roost_images::{ArtefactIndex, Cache};
+use roost_hostvm::script::ScriptRun;
 
 const SCRIPT: &str = r#"
 result() { echo "RESULT $1 $2"; }
@@ -83,39 +82,23 @@ for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
 dmesg | grep -E "audit.*syscall=" | sed 's/.*comm=/SECCOMP comm=/; s/ ip=.*//' | sort | uniq -c
 "#;
 
-fn results(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("RESULT "))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
-        .collect()
-}
-
 #[test]
 fn agent_channel_over_vsock_in_host_vm() {
-    let cache = Cache::from_env().expect("no cache directory: set ROOST_CACHE_DIR or HOME");
-    let index = ArtefactIndex::new(&cache);
-    for name in ["kernel", "rootfs-base"] {
-        if let Err(e) = index.lookup(name) {
-            panic!("this test needs the `{name}` artefact (run `roost images build`): {e}");
-        }
-    }
-    let outcome = HostVm::builder()
-        .timeout(Duration::from_secs(1200))
-        .mem_mib(4096)
-        .capture_output()
-        .run(["sh", "-c", SCRIPT])
-        .expect("host VM run (needs release binaries: cargo build --release --workspace --bins)");
-    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&outcome.stderr).into_owned();
-    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    let r = results(&stdout);
-    let get = |key: &str| {
-        r.get(key)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("no result `{key}`; {all}"))
-    };
+    let run = ScriptRun::run(
+        HostVm::builder()
+            .timeout(Duration::from_secs(1200))
+            .mem_mib(4096),
+        SCRIPT,
+        &["kernel", "rootfs-base"],
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "host VM run (needs release binaries: cargo build --release --workspace --bins): {e:#?}"
+        )
+    });
+    let stdout = &run.stdout;
+    let all = run.transcript();
+    let get = |key: &str| run.expect_result(key);
 
     assert_eq!(get("ready"), "0", "the agent announced itself; {all}");
     // Any version: the image's agent may predate this checkout's (ready.rs checks the range).
@@ -157,5 +140,5 @@ fn agent_channel_over_vsock_in_host_vm() {
         "0",
         "roost-agent poweroff ends the VM cleanly; {all}"
     );
-    assert_eq!(outcome.exit_code, 0, "{all}");
+    assert_eq!(run.exit_code, 0, "{all}");
 }

@@ -7,11 +7,10 @@
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost`) and the `kernel`
 //! and `rootfs-base` artefacts (`roost images build`); without them it fails with a message.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roost_hostvm::HostVm;
-use roost_images::{ArtefactIndex, Cache};
+use roost_hostvm::script::ScriptRun;
 
 const SCRIPT: &str = r#"
 result() { echo "RESULT $1 $2"; }
@@ -103,47 +102,21 @@ roost_procs | sed 's/^/PROC /'
 for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
 "#;
 
-fn results(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("RESULT "))
-        .map(|l| l.split_once(' ').unwrap_or((l, "")))
-        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
-        .collect()
-}
-
 #[test]
 fn sandbox_run_in_host_vm_runs_commands_and_frees_everything() {
-    let cache = Cache::from_env().expect("no cache directory: set ROOST_CACHE_DIR or HOME");
-    let index = ArtefactIndex::new(&cache);
-    for name in ["kernel", "rootfs-base"] {
-        if let Err(e) = index.lookup(name) {
-            panic!("this test needs the `{name}` artefact (run `roost images build`): {e}");
-        }
-    }
-    let outcome = HostVm::builder()
-        .timeout(Duration::from_secs(1500))
-        .mem_mib(4096)
-        .capture_output()
-        .run(["sh", "-c", SCRIPT])
-        .expect("host VM run (needs release binaries: cargo build --release -p roost)");
-    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&outcome.stderr).into_owned();
-    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    let r = results(&stdout);
-    let get = |key: &str| {
-        r.get(key)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("no result `{key}`; {all}"))
-    };
-    let stderr_of = |name: &str| {
-        let prefix = format!("STDERR {name}: ");
-        stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix(&prefix))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let run = ScriptRun::run(
+        HostVm::builder()
+            .timeout(Duration::from_secs(1500))
+            .mem_mib(4096),
+        SCRIPT,
+        &["kernel", "rootfs-base"],
+    )
+    .unwrap_or_else(|e| {
+        panic!("host VM run (needs release binaries: cargo build --release -p roost): {e:#?}")
+    });
+    let all = run.transcript();
+    let get = |key: &str| run.expect_result(key);
+    let stderr_of = |name: &str| run.lines_after(&format!("STDERR {name}: "));
 
     assert_eq!(get("echo"), "0", "{all}");
     assert_eq!(get("echo-out"), "hi", "{all}");
@@ -197,5 +170,5 @@ fn sandbox_run_in_host_vm_runs_commands_and_frees_everything() {
 
     assert_eq!(get("leftover-files"), "0", "no runtime files left; {all}");
     assert_eq!(get("leftover-procs"), "0", "no roost processes left; {all}");
-    assert_eq!(outcome.exit_code, 0, "{all}");
+    assert_eq!(run.exit_code, 0, "{all}");
 }

@@ -8,11 +8,10 @@
 //! Needs qemu-system-x86 and the `kernel` and `rootfs-base` artefacts (`roost images build`);
 //! without them the test fails with a message.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roost_hostvm::HostVm;
-use roost_images::{ArtefactIndex, Cache};
+use roost_hostvm::script::ScriptRun;
 
 /// Each `roost vm run` is bounded (busybox `timeout`), so a hang shows up as status 143; the
 /// host VM as a whole gets 540 s, under the CI runner's 600 s limit, so a stall fails here
@@ -81,50 +80,23 @@ for n in 1 2 3 4; do
 done
 
 for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
-for f in /tmp/boot.log /tmp/panic.log; do sed "s|^|LOG $(basename $f .log): |" "$f"; done
+for f in /tmp/boot.log /tmp/panic.log /tmp/m?.log; do sed "s|^|LOG $(basename $f .log): |" "$f"; done
 "#;
-
-fn results(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("RESULT "))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
-        .collect()
-}
 
 #[test]
 fn vm_run_in_host_vm_boots_panics_and_runs_four_at_once() {
-    let cache = Cache::from_env().expect("no cache directory: set ROOST_CACHE_DIR or HOME");
-    let index = ArtefactIndex::new(&cache);
-    for name in ["kernel", "rootfs-base"] {
-        if let Err(e) = index.lookup(name) {
-            panic!("this test needs the `{name}` artefact (run `roost images build`): {e}");
-        }
-    }
-    let outcome = HostVm::builder()
-        .timeout(Duration::from_secs(540))
-        .mem_mib(4096)
-        .capture_output()
-        .run(["sh", "-c", SCRIPT])
-        .expect("host VM run");
-    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&outcome.stderr).into_owned();
-    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    let r = results(&stdout);
-    let get = |key: &str| {
-        r.get(key)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("no result `{key}`; {all}"))
-    };
-    let stderr_of = |name: &str| -> String {
-        let prefix = format!("STDERR {name}: ");
-        stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix(prefix.as_str()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let run = ScriptRun::run(
+        HostVm::builder()
+            .timeout(Duration::from_secs(540))
+            .mem_mib(4096),
+        SCRIPT,
+        &["kernel", "rootfs-base"],
+    )
+    .unwrap_or_else(|e| panic!("host VM run: {e:#?}"));
+    let stdout = &run.stdout;
+    let all = run.transcript();
+    let get = |key: &str| run.expect_result(key);
+    let stderr_of = |name: &str| run.lines_after(&format!("STDERR {name}: "));
 
     assert_eq!(get("boot"), "0", "boot to ready and shut down; {all}");
     assert_eq!(get("boot-ready"), "1", "one ready line; {all}");
@@ -187,5 +159,5 @@ fn vm_run_in_host_vm_boots_panics_and_runs_four_at_once() {
         assert_eq!(get(&format!("multi{n}")), "0", "VM {n} of 4; {all}");
         assert_eq!(get(&format!("multi{n}-ready")), "1", "VM {n} of 4; {all}");
     }
-    assert_eq!(outcome.exit_code, 0, "{all}");
+    assert_eq!(run.exit_code, 0, "{all}");
 }
