@@ -319,10 +319,9 @@ pub async fn get_many_any_team(
 ) -> Result<std::collections::HashMap<String, Sandbox>, StoreError> {
     let mut found = std::collections::HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(IN_CHUNK) {
-        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "SELECT {COLUMNS} FROM sandboxes s WHERE s.id IN ({})",
-            placeholders.join(", ")
+            bind_list(1, chunk.len())
         );
         let mut query = sqlx::query_as::<_, Row>(&sql);
         for id in chunk {
@@ -346,11 +345,10 @@ pub async fn on_host(
     if states.is_empty() {
         return Ok(Vec::new());
     }
-    let placeholders: Vec<String> = (0..states.len()).map(|i| format!("${}", i + 2)).collect();
     let sql = format!(
         "SELECT {COLUMNS} FROM sandboxes s WHERE s.host_id = $1 AND s.state IN ({}) \
          ORDER BY s.created_at, s.id",
-        placeholders.join(", ")
+        bind_list(2, states.len())
     );
     let mut query = sqlx::query_as::<_, Row>(&sql).bind(host_id);
     for state in states {
@@ -358,4 +356,12 @@ pub async fn on_host(
     }
     let rows = query.fetch_all(db.pool()).await?;
     rows.into_iter().map(Sandbox::try_from).collect()
+}
+
+/// `$first, $first+1, ...` for `count` bind parameters of an `IN (...)` list.
+fn bind_list(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
