@@ -7,5 +7,8 @@
 pub mod agent;
 pub mod control;
 pub mod ids;
+#[cfg(feature = "tls")]
+pub mod tls;
+pub mod tunnel;
 
 pub use ids::{IdError, SandboxId};
