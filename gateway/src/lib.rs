@@ -14,4 +14,5 @@ pub mod reply;
 pub mod routes;
 pub mod server;
 pub mod target;
+pub mod tunnel;
 pub mod upstream;

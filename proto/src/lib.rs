@@ -8,6 +8,8 @@ pub mod agent;
 pub mod control;
 pub mod ids;
 #[cfg(feature = "tls")]
+pub mod quic_stream;
+#[cfg(feature = "tls")]
 pub mod tls;
 pub mod tunnel;
 

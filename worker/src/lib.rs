@@ -6,4 +6,5 @@
 //! the `roost-vmm` crate beside this one.
 
 pub mod host_check;
+pub mod tunnel;
 pub mod vm_handle;
