@@ -6,6 +6,7 @@
 
 mod cgroup;
 mod kvm;
+mod tuning;
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ use serde::Serialize;
 
 pub use cgroup::check_cgroup_v2;
 pub use kvm::{KvmBackend, KvmDevice, check_kvm, kvm_device_state};
+pub use tuning::{check_favordynmods, check_nx_huge_pages};
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,6 +95,8 @@ impl HostProbe {
             self.tun(),
             self.device_mapper(),
             self.cgroup_v2(),
+            self.cgroup_favordynmods(),
+            self.kvm_nx_huge_pages(),
             check_free_disk(data_dir),
         ]
     }
@@ -202,6 +206,28 @@ impl HostProbe {
         check_cgroup_v2(&mountinfo, |mount_point| {
             std::fs::read_to_string(self.path(mount_point).join("cgroup.controllers")).ok()
         })
+    }
+
+    /// Whether cgroup v2 is mounted with `favordynmods` where the kernel has it (VM creation
+    /// speed; see the `tuning` module).
+    pub fn cgroup_favordynmods(&self) -> Check {
+        let features = self.read("/sys/kernel/cgroup/features");
+        let mountinfo = self.read("/proc/self/mountinfo").unwrap_or_default();
+        check_favordynmods(features.as_deref(), &mountinfo)
+    }
+
+    /// Whether `kvm.nx_huge_pages` costs a kernel thread per VM for no security benefit.
+    pub fn kvm_nx_huge_pages(&self) -> Check {
+        check_nx_huge_pages(
+            self.read("/sys/module/kvm/parameters/nx_huge_pages")
+                .as_deref(),
+            self.read("/sys/devices/system/cpu/vulnerabilities/itlb_multihit")
+                .as_deref(),
+        )
+    }
+
+    fn read(&self, absolute: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(absolute)).ok()
     }
 }
 

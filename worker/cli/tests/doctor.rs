@@ -60,6 +60,8 @@ fn every_area_is_checked_with_a_recommendation() {
         "tun",
         "device-mapper",
         "cgroup-v2",
+        "cgroup-favordynmods",
+        "kvm-nx-huge-pages",
         "disk",
     ] {
         let c = check(&report, name);
@@ -80,6 +82,8 @@ fn table_output_names_each_check() {
         "tun",
         "device-mapper",
         "cgroup-v2",
+        "cgroup-favordynmods",
+        "kvm-nx-huge-pages",
         "disk",
     ] {
         assert!(text.contains(name), "{text}");
