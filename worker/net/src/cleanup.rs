@@ -59,6 +59,26 @@ pub async fn host_table_exists(nft: &Connection<Nftables>) -> Result<bool, Clean
     Ok(tables.iter().any(|t| t.name == TABLE && t.family == FAMILY))
 }
 
+/// What this crate has on the host right now.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Inventory {
+    pub namespaces: Vec<String>,
+    pub links: Vec<String>,
+    pub host_table: bool,
+}
+
+/// Lists the `roost-` namespaces, host interfaces and whether the host table exists.
+pub async fn inventory() -> Result<Inventory, CleanupError> {
+    let host = Connection::<Route>::new().map_err(|e| CleanupError::Netlink("open netlink", e))?;
+    let nft = Connection::<Nftables>::new()
+        .map_err(|e| CleanupError::Netlink("open nftables netlink", e))?;
+    Ok(Inventory {
+        namespaces: list_namespaces()?,
+        links: list_links(&host).await?,
+        host_table: host_table_exists(&nft).await?,
+    })
+}
+
 /// Removes every stale namespace, host interface and the host table.
 pub async fn remove_stale() -> Result<CleanupReport, CleanupError> {
     let host: Connection<Route> =

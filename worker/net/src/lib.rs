@@ -14,6 +14,7 @@
 pub mod addr;
 pub mod cleanup;
 pub mod dns;
+pub mod fixture;
 pub mod manager;
 pub mod netns;
 pub mod policy;
@@ -21,6 +22,7 @@ pub mod rules;
 pub mod slot;
 
 pub use addr::{GUEST_GATEWAY, GUEST_IP, GUEST_MAC, GUEST_PREFIX_LEN, SlotAddrs, TAP_NAME};
-pub use cleanup::{CleanupReport, remove_stale};
+pub use cleanup::{CleanupReport, Inventory, inventory, remove_stale};
+pub use ipnet::Ipv4Net;
 pub use manager::{NetConfig, NetError, NetManager, SandboxNet};
 pub use policy::{Destination, EgressPolicy, PolicyError};
