@@ -42,6 +42,8 @@ pub struct TunnelClientConfig {
     /// First and longest wait between dial attempts (doubling, with jitter).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How long [`TunnelClient::shutdown`] keeps answering stray packets after closing.
+    pub close_linger: Duration,
 }
 
 impl std::fmt::Debug for TunnelClientConfig {
@@ -55,7 +57,8 @@ impl std::fmt::Debug for TunnelClientConfig {
 
 impl TunnelClientConfig {
     /// Defaults: keep-alive 2 s, idle timeout 10 s, header timeout 10 s, 4096 streams, 1 MiB
-    /// stream window, backoff 100 ms → 5 s.
+    /// stream window, backoff 100 ms → 5 s, close linger 3 s (just over the gateway's
+    /// default 2 s keep-alive).
     pub fn new(
         gateways: Vec<GatewayTarget>,
         gateway_ca_pem: String,
@@ -74,6 +77,7 @@ impl TunnelClientConfig {
             stream_window: 1024 * 1024,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            close_linger: Duration::from_secs(3),
         }
     }
 }
@@ -93,6 +97,7 @@ pub enum ClientError {
 #[derive(Debug)]
 pub struct TunnelClient {
     links: Vec<Link>,
+    close_linger: Duration,
 }
 
 #[derive(Debug)]
@@ -142,7 +147,10 @@ impl TunnelClient {
                 state,
             });
         }
-        Ok(Self { links })
+        Ok(Self {
+            links,
+            close_linger: config.close_linger,
+        })
     }
 
     /// The gateways connected now.
@@ -169,6 +177,11 @@ impl TunnelClient {
     }
 
     /// Closes every tunnel (their streams fail at once on both sides) and stops re-dialling.
+    ///
+    /// The close is one packet and can be lost (a busy receiver's socket buffer overflows), so
+    /// the endpoint then lingers for `close_linger`: a gateway that missed the close and sends
+    /// anything (a keep-alive, at the latest) gets a stateless reset, instead of waiting out its
+    /// idle timeout with streams hanging.
     pub async fn shutdown(self) {
         for link in &self.links {
             link.task.abort();
@@ -178,6 +191,7 @@ impl TunnelClient {
         for link in &self.links {
             link.endpoint.wait_idle().await;
         }
+        tokio::time::sleep(self.close_linger).await;
     }
 }
 
