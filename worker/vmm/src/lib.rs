@@ -15,6 +15,7 @@ pub mod memory;
 pub mod privileges;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

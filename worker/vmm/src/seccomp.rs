@@ -49,9 +49,10 @@ mod kvm_get {
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 
     /// Every vCPU state read.
-    pub fn all() -> [u64; 10] {
+    pub fn all() -> [u64; 11] {
         [
             KVM_GET_REGS(),
             KVM_GET_SREGS(),
@@ -63,6 +64,7 @@ mod kvm_get {
             KVM_GET_DEBUGREGS(),
             KVM_GET_XSAVE(),
             KVM_GET_XCRS(),
+            KVM_GET_TSC_KHZ(),
         ]
         .map(u64::from)
     }
@@ -130,6 +132,67 @@ const DEVICE_EXTRA: &[i64] = &[
     libc::SYS_timerfd_settime,
 ];
 
+/// The VM `KVM_GET_*` ioctls a snapshot needs on the API thread (`state::VmState::save`,
+/// the dirty log for diff snapshots).
+#[allow(non_snake_case, clippy::cast_possible_truncation)]
+mod kvm_vm_get {
+    use super::KVMIO;
+    use kvm_bindings::*;
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    vmm_sys_util::ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+
+    /// Every VM state read.
+    pub fn all() -> [u64; 4] {
+        [
+            KVM_GET_IRQCHIP(),
+            KVM_GET_PIT2(),
+            KVM_GET_CLOCK(),
+            KVM_GET_DIRTY_LOG(),
+        ]
+        .map(u64::from)
+    }
+}
+
+/// What the API thread adds: its socket, the snapshot files, and the directory operations of
+/// writing a memory chain (create, rename, remove, copy when merging).
+const API_EXTRA: &[i64] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_readv,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_getdents64,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_copy_file_range,
+    libc::SYS_sendfile,
+    libc::SYS_mincore,
+];
+
 /// Which thread a filter is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
@@ -138,6 +201,9 @@ pub enum ThreadKind {
     Vcpu,
     /// The device event loop: epoll, disk I/O, Unix sockets (only `AF_UNIX` may be created).
     Device,
+    /// The API socket's thread: accepts on its (already bound) socket, writes snapshot files,
+    /// reads the VM's KVM state; creates no sockets, runs nothing.
+    Api,
 }
 
 impl ThreadKind {
@@ -145,6 +211,7 @@ impl ThreadKind {
         match self {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Device => "device",
+            ThreadKind::Api => "API",
         }
     }
 }
@@ -180,6 +247,15 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
                     rule(vec![arg_eq(1, fionread, name)?])?,
                 ],
             );
+        }
+        ThreadKind::Api => {
+            rules.extend(API_EXTRA.iter().map(|nr| (*nr, Vec::new())));
+            let ioctls = kvm_vm_get::all()
+                .into_iter()
+                .chain([libc::FIONBIO])
+                .map(|request| rule(vec![arg_eq(1, request, name)?]))
+                .collect::<Result<Vec<_>, _>>()?;
+            rules.insert(libc::SYS_ioctl, ioctls);
         }
     }
     Ok(rules)
@@ -237,8 +313,8 @@ mod tests {
         }
         assert_eq!(
             rules[&libc::SYS_ioctl].len(),
-            11,
-            "KVM_RUN and 10 KVM_GET_*"
+            12,
+            "KVM_RUN and 11 KVM_GET_*"
         );
         assert_eq!(
             kvm_get::KVM_GET_REGS(),
@@ -262,8 +338,29 @@ mod tests {
     }
 
     #[test]
+    fn the_api_thread_writes_files_but_creates_no_sockets_and_runs_nothing() {
+        let rules = rules(ThreadKind::Api).unwrap();
+        for forbidden in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_ptrace,
+        ] {
+            assert!(
+                !rules.contains_key(&forbidden),
+                "syscall {forbidden} allowed"
+            );
+        }
+        assert!(rules.contains_key(&libc::SYS_openat));
+        assert_eq!(rules[&libc::SYS_ioctl].len(), 5, "4 KVM_GET_* and FIONBIO");
+        assert_eq!(kvm_vm_get::KVM_GET_CLOCK(), 0x8030_ae7c, "matches <linux/kvm.h>");
+        assert_eq!(kvm_vm_get::KVM_GET_DIRTY_LOG(), 0x4010_ae42, "matches <linux/kvm.h>");
+    }
+
+    #[test]
     fn every_mode_compiles() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Device] {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Api] {
             assert!(compile(kind, SeccompMode::Enforce).unwrap().is_some());
             assert!(compile(kind, SeccompMode::Log).unwrap().is_some());
             assert!(compile(kind, SeccompMode::Off).unwrap().is_none());

@@ -52,7 +52,37 @@ impl std::fmt::Debug for I8042 {
     }
 }
 
+/// The controller's registers and queued output (for snapshots).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub control: u8,
+    pub status: u8,
+    pub output: Vec<u8>,
+    pub pending: Option<u8>,
+}
+
 impl I8042 {
+    /// Its state (for snapshots).
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            control: self.control,
+            status: self.status,
+            output: self.output.iter().copied().collect(),
+            pending: self.pending,
+        }
+    }
+
+    /// A controller in a saved state; output beyond the capacity is dropped.
+    pub fn from_state(state: &I8042State, on_reset: Box<dyn FnMut() + Send>) -> Self {
+        let mut dev = Self::new(on_reset);
+        dev.control = state.control;
+        dev.status = state.status;
+        dev.pending = state.pending;
+        dev.output
+            .extend(state.output.iter().take(OUTPUT_CAPACITY).copied());
+        dev
+    }
+
     pub fn new(on_reset: Box<dyn FnMut() + Send>) -> Self {
         Self {
             control: DEFAULT_CONTROL,

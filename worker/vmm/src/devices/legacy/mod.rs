@@ -3,8 +3,10 @@
 
 pub mod console;
 pub mod i8042;
+pub mod persist;
 pub mod serial;
 
 pub use console::ConsoleSink;
-pub use i8042::I8042;
+pub use i8042::{I8042, I8042State};
+pub use persist::{SerialRestoreArgs, SerialSnapshot};
 pub use serial::SerialDevice;

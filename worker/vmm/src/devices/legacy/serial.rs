@@ -47,6 +47,23 @@ impl SerialDevice {
     pub fn state(&self) -> vm_superio::serial::SerialState {
         self.serial.state()
     }
+
+    /// A UART in a saved register state.
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: EventFd,
+        sink: ConsoleSink,
+    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
+        Ok(Self {
+            serial: Serial::from_state(
+                state,
+                EventFdTrigger(irq),
+                vm_superio::serial::NoEvents,
+                sink,
+            )?,
+            errors_logged: 0,
+        })
+    }
 }
 
 impl BusDevice for SerialDevice {

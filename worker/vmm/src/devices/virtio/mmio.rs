@@ -61,6 +61,9 @@ pub struct MmioTransportState {
     pub config_generation: u32,
     /// Queue configuration as the driver wrote it.
     pub queues: Vec<QueueSnapshot>,
+    /// The `InterruptStatus` register.
+    #[serde(default)]
+    pub interrupt_status: u32,
 }
 
 /// A virtio device behind a virtio-mmio register window.
@@ -140,6 +143,7 @@ impl MmioTransport {
             queue_select: self.queue_select,
             config_generation: self.config_generation,
             queues: self.queues.iter().map(QueueSnapshot::from).collect(),
+            interrupt_status: self.interrupt.status(),
         }
     }
 
@@ -461,6 +465,9 @@ fn lock(device: &Arc<Mutex<dyn VirtioDevice>>) -> MutexGuard<'_, dyn VirtioDevic
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+mod persist;
+pub use persist::{MmioRestoreArgs, MmioRestoreError};
 
 #[cfg(test)]
 mod tests;

@@ -28,10 +28,12 @@ pub mod vsock;
 pub use block::{Block, BlockConfig, BlockError, BlockState};
 pub use device::{ActivateError, Activation, VirtioDevice};
 pub use interrupt::{InterruptKind, VirtioInterrupt};
-pub use mmio::{MmioError, MmioTransport, MmioTransportState};
+pub use mmio::{MmioError, MmioRestoreArgs, MmioRestoreError, MmioTransport, MmioTransportState};
 pub use persist::{QueueSnapshot, VirtioDeviceState};
 pub use rng::{Rng, RngError, RngState};
-pub use vsock::{Vsock, VsockConfig, VsockError, VsockState};
+pub use vsock::{
+    TransportResetError, Vsock, VsockConfig, VsockError, VsockRestoreArgs, VsockState,
+};
 
 use std::sync::{Arc, Mutex};
 

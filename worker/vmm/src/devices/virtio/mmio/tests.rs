@@ -399,3 +399,88 @@ fn acked_event_idx_reaches_the_activated_queues() {
         vec![true, true]
     );
 }
+
+#[test]
+fn a_restored_transport_reactivates_its_device_with_the_saved_queues() {
+    use crate::snapshot::Persist;
+    let mut f = fixture();
+    negotiate(&mut f.transport);
+    setup_queue(&mut f.transport, 0, 16, 0x1_0000);
+    setup_queue(&mut f.transport, 1, 8, 0x2_0000);
+    write32(&mut f.transport, VIRTIO_MMIO_STATUS, ALL_OK);
+    f.transport
+        .interrupt()
+        .trigger(InterruptKind::UsedRing)
+        .unwrap();
+    let saved = f.transport.save();
+    let device_state = VirtioDeviceStateFixture::activated(&saved);
+
+    let mem = f.transport.mem.clone();
+    let device = Arc::new(Mutex::new(RecordingDevice {
+        acked: f.device.lock().unwrap().acked,
+        ..Default::default()
+    }));
+    let irq = Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let mut restored = MmioTransport::restore(
+        MmioRestoreArgs {
+            mem,
+            device: device.clone(),
+            interrupt: irq,
+            device_state,
+        },
+        &saved,
+    )
+    .unwrap();
+    assert_eq!(read32(&mut restored, VIRTIO_MMIO_STATUS), ALL_OK);
+    assert_eq!(read32(&mut restored, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+    let dev = device.lock().unwrap();
+    assert_eq!(dev.activations, 1, "re-activated once");
+    assert_eq!(dev.activated_queue_sizes, [16, 8]);
+    drop(dev);
+    for evt in restored.queue_events() {
+        assert_eq!(evt.read().unwrap(), 1, "every queue kicked once");
+    }
+    assert_eq!(restored.save(), saved);
+}
+
+#[test]
+fn restore_refuses_another_device_type() {
+    use crate::snapshot::Persist;
+    let f = fixture();
+    let saved = f.transport.save();
+    let mut device_state = VirtioDeviceStateFixture::activated(&saved);
+    device_state.device_type = 7;
+    device_state.activated = false;
+    let err = MmioTransport::restore(
+        MmioRestoreArgs {
+            mem: f.transport.mem.clone(),
+            device: Arc::new(Mutex::new(RecordingDevice::default())),
+            interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            device_state,
+        },
+        &saved,
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        MmioRestoreError::DeviceType {
+            saved: 7,
+            actual: TEST_DEVICE_ID
+        }
+    ));
+}
+
+/// Device state as a running device would report it: the transport's queues, activated.
+struct VirtioDeviceStateFixture;
+
+impl VirtioDeviceStateFixture {
+    fn activated(t: &MmioTransportState) -> crate::devices::virtio::VirtioDeviceState {
+        crate::devices::virtio::VirtioDeviceState {
+            device_type: TEST_DEVICE_ID,
+            avail_features: 0,
+            acked_features: 0,
+            activated: true,
+            queues: t.queues.clone(),
+        }
+    }
+}

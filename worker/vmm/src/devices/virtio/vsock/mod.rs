@@ -21,4 +21,4 @@ pub use device::{Vsock, VsockConfig, VsockError};
 
 #[cfg(test)]
 mod tests;
-pub use persist::VsockState;
+pub use persist::{TransportResetError, VsockRestoreArgs, VsockState};
