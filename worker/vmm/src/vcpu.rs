@@ -5,6 +5,12 @@
 //! in-kernel irqchip handles HLT), so the VM kicks vCPU threads with [`kick_signal`] (SIGRTMIN), whose
 //! handler does nothing and is installed without `SA_RESTART`: `KVM_RUN` returns `EINTR`, the
 //! thread consults [`RunControl`], and parks (pause) or leaves (stop).
+//!
+//! Before parking, a thread whose last exit was a port-I/O or MMIO exit re-enters `KVM_RUN`
+//! once with `immediate_exit` set: KVM then completes the instruction (e.g. stores an `in`
+//! result in RAX, advances RIP) and returns `EINTR` without running guest code. Without that,
+//! saved registers would point at the `out` instruction and a restored guest would execute it
+//! twice (a duplicated console byte was seen, VMM-NOTES).
 
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -15,7 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use crate::arch::{cpuid, lapic, msrs, regs};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitCoordinator, ShutdownReason, VmExit};
-use crate::state::{StateError, VcpuState};
+use crate::state::{RestoreError, StateError, VcpuState};
 
 /// Why a vCPU could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,12 @@ pub enum VcpuError {
     MsrList,
     #[error("could not install the vCPU kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("could not restore the state of vCPU {index}")]
+    Restore {
+        index: u8,
+        #[source]
+        source: RestoreError,
+    },
 }
 
 /// The real-time signal that makes `KVM_RUN` return.
@@ -243,6 +255,18 @@ impl Vcpu {
         Ok(Self { index, fd })
     }
 
+    /// Creates vCPU `state.index` and loads its saved state (see `state` for the order).
+    pub fn restore(vm: &VmFd, state: &VcpuState, tsc_scaling: bool) -> Result<Self, VcpuError> {
+        let index = state.index;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        state
+            .restore(&fd, tsc_scaling)
+            .map_err(|source| VcpuError::Restore { index, source })?;
+        Ok(Self { index, fd })
+    }
+
     pub fn index(&self) -> u8 {
         self.index
     }
@@ -281,8 +305,16 @@ pub fn run(mut vcpu: Vcpu, shared: &VcpuShared) {
             );
         }
     };
+    // Whether the last exit was port I/O or MMIO, which KVM completes on the next KVM_RUN.
+    let mut io_pending = false;
     loop {
         if shared.control.state() != RunState::Running {
+            if io_pending {
+                if let Some(exit) = complete_pending_io(&mut vcpu, shared) {
+                    shared.exits.request(exit);
+                    return;
+                }
+            }
             let fd = &vcpu.fd;
             let mut save =
                 || VcpuState::save(fd, index, &shared.msr_indices).map_err(|e| e.to_string());
@@ -290,6 +322,7 @@ pub fn run(mut vcpu: Vcpu, shared: &VcpuShared) {
                 return;
             }
         }
+        io_pending = true;
         let outcome = match vcpu.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !shared.pio.read(u64::from(port), data) {
@@ -336,6 +369,7 @@ pub fn run(mut vcpu: Vcpu, shared: &VcpuShared) {
             }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.fd.set_kvm_immediate_exit(0);
+                io_pending = false;
                 None
             }
             Err(e) => Some(VmExit::Error {
@@ -347,6 +381,53 @@ pub fn run(mut vcpu: Vcpu, shared: &VcpuShared) {
             return;
         }
     }
+}
+
+/// Most I/O exits one completion may chain (a split MMIO access exits once per fragment).
+const MAX_COMPLETION_EXITS: usize = 8;
+
+/// Re-enters `KVM_RUN` with `immediate_exit` set so KVM finishes the in-flight I/O instruction
+/// without running guest code (see the module docs). Exits that still come out (fragments of
+/// one MMIO access) are served; anything else ends the VM.
+fn complete_pending_io(vcpu: &mut Vcpu, shared: &VcpuShared) -> Option<VmExit> {
+    let index = vcpu.index;
+    vcpu.fd.set_kvm_immediate_exit(1);
+    let mut outcome = None;
+    for _ in 0..MAX_COMPLETION_EXITS {
+        match vcpu.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !shared.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.mmio.write(addr, data);
+            }
+            Ok(other) => {
+                outcome = Some(VmExit::Error {
+                    detail: format!("vCPU {index}: exit {other:?} while completing I/O to pause"),
+                });
+                break;
+            }
+            Err(e) => {
+                outcome = Some(VmExit::Error {
+                    detail: format!("vCPU {index}: KVM_RUN failed while completing I/O: {e}"),
+                });
+                break;
+            }
+        }
+    }
+    vcpu.fd.set_kvm_immediate_exit(0);
+    outcome
 }
 
 fn system_event(index: u8, kind: u32, data: &[u64]) -> VmExit {
@@ -386,6 +467,7 @@ mod tests {
             lapic: Default::default(),
             mp_state: Default::default(),
             vcpu_events: Default::default(),
+            tsc_khz: None,
         }
     }
 
