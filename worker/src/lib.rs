@@ -5,6 +5,7 @@
 //! (used by `roost doctor`, and by the worker before it starts a VM). The VMM itself lives in
 //! the `roost-vmm` crate beside this one.
 
+pub mod cgroup;
 pub mod host_check;
 pub mod tunnel;
 pub mod vm_handle;
