@@ -27,6 +27,23 @@ pub struct VsockDeviceConfig {
     pub uds_path: PathBuf,
 }
 
+/// The network device: a tap (by name in the VMM's network namespace, or an inherited fd)
+/// and the guest's MAC. See `docs/networking.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDeviceConfig {
+    pub tap: NetTap,
+    pub mac: [u8; 6],
+}
+
+/// Where the network device's tap comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetTap {
+    /// Attach to this tap (it must exist in the VMM's network namespace).
+    Name(String),
+    /// An attached tap fd inherited from the parent.
+    Fd(i32),
+}
+
 /// Where the guest's serial console output goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialConfig {
@@ -59,6 +76,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub rootfs: Option<DriveConfig>,
     pub vsock: Option<VsockDeviceConfig>,
+    /// Attach a virtio-net device (egress networking).
+    #[serde(default)]
+    pub net: Option<NetDeviceConfig>,
     /// Attach a virtio-rng device.
     pub rng: bool,
     pub serial: SerialConfig,
@@ -84,6 +104,14 @@ pub enum ConfigError {
     VsockDirMissing(PathBuf),
     #[error("vsock guest CID {0} is reserved: use 3 or more")]
     ReservedCid(u32),
+    #[error("tap name `{0}` must be 1 to 15 bytes without `/` or whitespace")]
+    BadTapName(String),
+    #[error("tap fd {0} is not a valid file descriptor number")]
+    BadTapFd(i32),
+    #[error("MAC {0} is multicast: a NIC's MAC must be unicast")]
+    MulticastMac(String),
+    #[error("`{0}` is not a MAC address (six hex bytes separated by `:`)")]
+    BadMac(String),
     #[error("the kernel command line is {len} bytes with the device entries; the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -98,6 +126,7 @@ impl VmConfig {
             cmdline: cmdline.into(),
             rootfs: None,
             vsock: None,
+            net: None,
             rng: true,
             serial: SerialConfig::default(),
             seccomp: SeccompMode::Enforce,
@@ -121,6 +150,9 @@ impl VmConfig {
         if let Some(drive) = &self.rootfs {
             require_disk("root filesystem image", &drive.path)?;
         }
+        if let Some(net) = &self.net {
+            check_net(net)?;
+        }
         if let Some(vsock) = &self.vsock {
             if vsock.guest_cid < 3 {
                 return Err(ConfigError::ReservedCid(vsock.guest_cid));
@@ -136,6 +168,42 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// A tap name Linux accepts, a plausible fd, a unicast MAC.
+fn check_net(net: &NetDeviceConfig) -> Result<(), ConfigError> {
+    match &net.tap {
+        NetTap::Name(name)
+            if name.is_empty()
+                || name.len() > 15
+                || name.contains('/')
+                || name.chars().any(char::is_whitespace) =>
+        {
+            return Err(ConfigError::BadTapName(name.clone()));
+        }
+        NetTap::Fd(fd) if *fd < 0 => return Err(ConfigError::BadTapFd(*fd)),
+        _ => {}
+    }
+    if net.mac[0] & 1 == 1 {
+        let text: Vec<String> = net.mac.iter().map(|b| format!("{b:02x}")).collect();
+        return Err(ConfigError::MulticastMac(text.join(":")));
+    }
+    Ok(())
+}
+
+/// Parses `06:00:a9:fe:00:02`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::BadMac(text.to_owned());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
 }
 
 /// Checks a vCPU count given as a wider integer (command lines) before narrowing it.
@@ -237,6 +305,55 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::NotAFile { what: "kernel", .. })
         ));
+    }
+
+    #[test]
+    fn refuses_bad_net_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = valid(dir.path());
+        let mac = [0x06, 0, 0xa9, 0xfe, 0, 2];
+        cfg.net = Some(NetDeviceConfig {
+            tap: NetTap::Name("tap0".into()),
+            mac,
+        });
+        assert_eq!(cfg.validate(), Ok(()));
+        for bad in ["", "a-very-long-tap-name", "a/b", "a b"] {
+            cfg.net = Some(NetDeviceConfig {
+                tap: NetTap::Name(bad.into()),
+                mac,
+            });
+            assert_eq!(cfg.validate(), Err(ConfigError::BadTapName(bad.into())));
+        }
+        cfg.net = Some(NetDeviceConfig {
+            tap: NetTap::Fd(-1),
+            mac,
+        });
+        assert_eq!(cfg.validate(), Err(ConfigError::BadTapFd(-1)));
+        let multicast = [0x01, 0, 0x5e, 0, 0, 1];
+        cfg.net = Some(NetDeviceConfig {
+            tap: NetTap::Fd(3),
+            mac: multicast,
+        });
+        let err = cfg.validate().unwrap_err();
+        assert!(err.to_string().contains("01:00:5e:00:00:01"), "{err}");
+    }
+
+    #[test]
+    fn macs_parse_strictly() {
+        assert_eq!(parse_mac("06:00:a9:fe:00:02"), Ok([6, 0, 0xa9, 0xfe, 0, 2]));
+        for bad in [
+            "",
+            "06:00:a9:fe:00",
+            "06:00:a9:fe:00:02:03",
+            "6:0:a9:fe:0:2",
+            "zz:00:a9:fe:00:02",
+        ] {
+            assert_eq!(
+                parse_mac(bad),
+                Err(ConfigError::BadMac(bad.into())),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!   [`MmioTransport`] is the register file the guest driver talks to, and implements the VM
 //!   core's [`BusDevice`](crate::devices::bus::BusDevice).
 //! - [`VirtioInterrupt`] holds the interrupt status and the irq eventfd.
-//! - `block`, `rng` and `vsock` are the device models; each also implements
+//! - `block`, `net`, `rng` and `vsock` are the device models; each also implements
 //!   `event_manager::MutEventSubscriber` and runs on the device event-loop thread.
 //!
 //! Queues are `virtio_queue::Queue` split rings; guest memory is `vm_memory::GuestMemoryMmap`.
@@ -17,6 +17,7 @@ pub mod device;
 pub mod interrupt;
 pub mod lifecycle;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod queue_drain;
 pub(crate) mod ratelimit;
@@ -29,6 +30,7 @@ pub use block::{Block, BlockConfig, BlockError, BlockState};
 pub use device::{ActivateError, Activation, VirtioDevice};
 pub use interrupt::{InterruptKind, VirtioInterrupt};
 pub use mmio::{MmioError, MmioRestoreArgs, MmioRestoreError, MmioTransport, MmioTransportState};
+pub use net::{Net, NetState};
 pub use persist::{QueueSnapshot, VirtioDeviceState};
 pub use rng::{Rng, RngError, RngState};
 pub use vsock::{
@@ -51,6 +53,11 @@ pub fn rng() -> Result<Arc<Mutex<Rng>>, RngError> {
 pub const FEATURE_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// `VIRTIO_RING_F_EVENT_IDX` as a feature mask: every device offers it (see `queue_drain`).
 pub const FEATURE_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// A new network device for the VM core's builder; opens (or takes over) the tap now.
+pub fn net(cfg: net::NetConfig) -> Result<Arc<Mutex<Net>>, net::NetError> {
+    Ok(Arc::new(Mutex::new(Net::new(cfg)?)))
+}
 
 /// A new vsock device for the VM core's builder; listens on `cfg.uds_path` right away.
 pub fn vsock(cfg: VsockConfig) -> Result<Arc<Mutex<Vsock>>, VsockError> {
