@@ -8,12 +8,15 @@
 //! | read_file | `Request{op: read_file}` | `FileInfo`, file data, then `Done{bytes}` |
 //! | write_file | `Request{op: write_file}`, waits for `Accepted`, file data, `End` | `Accepted`, then `Done{bytes}` after `End` |
 //! | forward | `Request{op: forward, port}` or `{op: forward, target: envd_init}` (v2) | `Connected`, then both sides send raw bytes (no frames) |
+//! | identity (v3) | `Request{op: identity}` | `IdentityApplied` |
 //!
 //! Any step may instead get an `Error` from the agent, after which it closes the connection.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use super::identity::{IdentityApplied, IdentityRequest};
 
 /// The first frame of every connection from the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +44,7 @@ impl Operation {
     pub fn required_version(&self) -> u32 {
         match self {
             Self::Forward(forward) => forward.required_version(),
+            Self::Identity(_) => 3,
             Self::Hello | Self::Health | Self::Exec(_) | Self::ReadFile(_) | Self::WriteFile(_) => {
                 1
             }
@@ -60,6 +64,8 @@ pub enum Operation {
     ReadFile(ReadFileRequest),
     WriteFile(WriteFileRequest),
     Forward(ForwardRequest),
+    /// Hand a (restored) sandbox its id, hostname, environment, token, entropy and clock.
+    Identity(IdentityRequest),
 }
 
 /// Run a process.
@@ -239,6 +245,8 @@ pub enum AgentMessage {
     },
     /// Forward: connected; raw bytes follow in both directions.
     Connected,
+    /// Identity: applied; what changed.
+    IdentityApplied(IdentityApplied),
     /// The operation failed; the agent closes the connection after it.
     Error(ErrorReply),
 }
@@ -453,6 +461,36 @@ mod tests {
                 .to_string();
             assert!(error.contains(reason), "{json}: {error}");
         }
+    }
+
+    #[test]
+    fn identity_is_a_version_3_operation() {
+        let mut identity = IdentityRequest::new("sb1", "host1").unwrap();
+        identity.entropy = vec![0; 3];
+        let request = Request::new(Operation::Identity(identity));
+        let json = serde_json::to_string(&request).unwrap();
+        assert!(
+            json.starts_with(r#"{"version":3,"op":"identity","sandbox_id":"sb1","hostname":"host1","env_vars":{},"entropy":"AAAA","#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), request);
+        let applied = AgentMessage::IdentityApplied(IdentityApplied {
+            hostname: true,
+            entropy: true,
+            clock: false,
+            clock_step_ns: 0,
+            envd: true,
+            interpreter: false,
+        });
+        let json = serde_json::to_string(&applied).unwrap();
+        assert!(
+            json.starts_with(r#"{"type":"identity_applied","hostname":true"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<AgentMessage>(&json).unwrap(),
+            applied
+        );
     }
 
     #[test]

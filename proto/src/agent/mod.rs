@@ -35,11 +35,13 @@
 
 pub mod envd_init;
 pub mod frame;
+pub mod identity;
 pub mod messages;
 pub mod muxer;
 
 pub use envd_init::InitRequest;
 pub use frame::{Frame, FrameCodec, FrameError, StreamKind};
+pub use identity::{IdentityApplied, IdentityRequest};
 pub use messages::{
     AgentMessage, ClientMessage, ErrorKind, ErrorReply, ExecRequest, ExitStatus, ForwardRequest,
     Health, Hello, MemoryInfo, Operation, Program, ReadFileRequest, Request, UserSpec,
@@ -47,8 +49,8 @@ pub use messages::{
 };
 
 /// The protocol version this build speaks. 2 added forwarding to the envd init socket
-/// ([`ForwardRequest::EnvdInit`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// ([`ForwardRequest::EnvdInit`]), 3 the identity operation ([`IdentityRequest`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest protocol version this build still serves.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 

@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::channel::{Announce, Endpoints, Listen};
+use crate::identity::SystemEffects;
 use crate::init::InitOptions;
 
 pub const USAGE: &str = "\
@@ -14,7 +15,8 @@ usage: roost-agent                 (as PID 1: initialise the guest and supervise
        roost-agent poweroff        ask PID 1 to stop every process and power the VM off
        roost-agent channel --listen-unix PATH | --listen-vsock PORT
                    [--announce-unix PATH | --announce-vsock CID:PORT]
-                   [--envd-init-socket PATH]
+                   [--envd-init-socket PATH] [--interpreter-admin-socket PATH]
+                   [--apply-identity hostname,entropy,clock]
                                    serve the worker's channel (PID 1 does this on vsock)
        roost-agent interpreter [FLAGS]  serve the code interpreter on :49999 (see README)
        roost-agent serve [FLAGS]   serve the E2B envd API on :49983 (see README)
@@ -111,6 +113,8 @@ fn pid1_channel(args: &[String], skip_system_setup: bool) -> Option<Endpoints> {
         Some(path) => Some(Endpoints {
             listen: Listen::Unix(path),
             announce: value("--channel-announce-unix=").map_or(Announce::Nowhere, Announce::Unix),
+            // The machine is not ours: identity changes nothing machine-wide.
+            identity_effects: SystemEffects::default(),
             ..Endpoints::default()
         }),
         None if skip_system_setup => None,
@@ -119,11 +123,16 @@ fn pid1_channel(args: &[String], skip_system_setup: bool) -> Option<Endpoints> {
 }
 
 /// `channel --listen-unix PATH | --listen-vsock PORT [--announce-unix PATH | --announce-vsock
-/// CID:PORT] [--envd-init-socket PATH]`.
+/// CID:PORT] [--envd-init-socket PATH] [--interpreter-admin-socket PATH] [--apply-identity
+/// LIST]`. As an ordinary process the identity operation changes nothing machine-wide unless
+/// `--apply-identity` names it (tests give `hostname` inside a UTS namespace).
 fn parse_channel(args: &[String]) -> Command {
     let mut listen = None;
     let mut announce = Announce::Nowhere;
     let mut envd_init_socket = PathBuf::from(crate::envd::DEFAULT_INIT_SOCKET);
+    let mut interpreter_admin_socket =
+        PathBuf::from(crate::identity::DEFAULT_INTERPRETER_ADMIN_SOCKET);
+    let mut identity_effects = SystemEffects::default();
     let mut args = args.iter();
     while let Some(flag) = args.next() {
         let Some(value) = args.next() else {
@@ -137,6 +146,11 @@ fn parse_channel(args: &[String]) -> Command {
             },
             "--announce-unix" => announce = Announce::Unix(value.into()),
             "--envd-init-socket" => envd_init_socket = value.into(),
+            "--interpreter-admin-socket" => interpreter_admin_socket = value.into(),
+            "--apply-identity" => match SystemEffects::parse(value) {
+                Ok(effects) => identity_effects = effects,
+                Err(problem) => return Command::Usage(problem),
+            },
             "--announce-vsock" => {
                 let parsed = value
                     .split_once(':')
@@ -156,6 +170,8 @@ fn parse_channel(args: &[String]) -> Command {
             listen,
             announce,
             envd_init_socket,
+            identity_effects,
+            interpreter_admin_socket,
         }),
         None => Command::Usage("`channel` needs --listen-unix PATH or --listen-vsock PORT".into()),
     }
@@ -205,6 +221,7 @@ mod tests {
                 channel: Some(Endpoints {
                     listen: Listen::Unix("/tmp/a.sock".into()),
                     announce: Announce::Unix("/tmp/b.sock".into()),
+                    identity_effects: SystemEffects::default(),
                     ..Endpoints::default()
                 }),
             })
@@ -221,7 +238,8 @@ mod tests {
             Command::Channel(Endpoints {
                 listen: Listen::Unix("/tmp/c.sock".into()),
                 announce: Announce::Nowhere,
-                envd_init_socket: crate::envd::DEFAULT_INIT_SOCKET.into(),
+                identity_effects: SystemEffects::default(),
+                ..Endpoints::default()
             })
         );
         assert_eq!(
@@ -232,7 +250,11 @@ mod tests {
                     "--listen-unix",
                     "/tmp/c.sock",
                     "--envd-init-socket",
-                    "/tmp/i.sock"
+                    "/tmp/i.sock",
+                    "--interpreter-admin-socket",
+                    "/tmp/a.sock",
+                    "--apply-identity",
+                    "hostname,entropy"
                 ],
                 false
             ),
@@ -240,6 +262,12 @@ mod tests {
                 listen: Listen::Unix("/tmp/c.sock".into()),
                 announce: Announce::Nowhere,
                 envd_init_socket: "/tmp/i.sock".into(),
+                identity_effects: SystemEffects {
+                    hostname: true,
+                    entropy: true,
+                    clock: false,
+                },
+                interpreter_admin_socket: "/tmp/a.sock".into(),
             })
         );
         assert_eq!(
@@ -250,7 +278,9 @@ mod tests {
                     "--listen-vsock",
                     "1025",
                     "--announce-vsock",
-                    "2:1024"
+                    "2:1024",
+                    "--apply-identity",
+                    "hostname,entropy,clock"
                 ],
                 false
             ),
@@ -269,6 +299,14 @@ mod tests {
                 "2",
             ],
             &["roost-agent", "channel", "--bogus", "1"],
+            &[
+                "roost-agent",
+                "channel",
+                "--listen-unix",
+                "/a",
+                "--apply-identity",
+                "hostname,disk",
+            ],
         ] {
             assert!(
                 matches!(parse_strs(bad, false), Command::Usage(_)),

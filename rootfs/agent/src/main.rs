@@ -9,6 +9,7 @@ mod channel;
 mod children;
 mod cli;
 mod envd;
+mod identity;
 mod init;
 mod interpreter;
 mod log;

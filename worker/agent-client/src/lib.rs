@@ -1,6 +1,7 @@
 //! Worker side of the worker ↔ agent protocol (`roost_proto::agent`): wait for the agent in a
 //! microVM to announce itself, then run processes, move files and forward ports through it, and
-//! hand the sandbox its identity (envd's `POST /init`, [`AgentClient::init_sandbox`]).
+//! hand the sandbox its identity (envd's `POST /init`, [`AgentClient::init_sandbox`]; after a
+//! snapshot restore the whole identity with entropy and clock, [`AgentClient::set_identity`]).
 //!
 //! Every operation opens its own connection ([`Connector`]): through the VMM's vsock Unix
 //! socket in production, or straight to an agent's Unix socket in tests. Dropping a handle
@@ -27,6 +28,7 @@ mod error;
 mod exec;
 mod files;
 mod forward;
+mod identity;
 mod ready;
 
 use futures::{SinkExt, StreamExt};
@@ -40,8 +42,8 @@ pub use exec::{Exec, ExecEvent, ExecInput, ExecOutput, Output, exec_argv, exec_s
 pub use files::FileDownload;
 pub use ready::ReadyListener;
 pub use roost_proto::agent::{
-    ErrorKind, ErrorReply, ExecRequest, ExitStatus, InitRequest, Program, UserSpec,
-    WriteFileRequest,
+    ErrorKind, ErrorReply, ExecRequest, ExitStatus, IdentityApplied, IdentityRequest, InitRequest,
+    Program, UserSpec, WriteFileRequest,
 };
 
 /// A connection after its request: agent messages in, client messages out.

@@ -10,6 +10,7 @@ use tokio_util::codec::Framed;
 
 use super::transport::Io;
 use super::{exec, files, forward, status};
+use crate::identity::IdentityConfig;
 
 /// A connection after its request: client messages in, agent messages out.
 pub type Conn = Framed<Box<dyn Io>, FrameCodec<ClientMessage>>;
@@ -18,8 +19,9 @@ pub type Conn = Framed<Box<dyn Io>, FrameCodec<ClientMessage>>;
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves one connection to its end. Never panics on client input; errors go to the client.
-/// `envd_init_socket` is where a forward to the envd init socket connects.
-pub async fn serve(io: Box<dyn Io>, envd_init_socket: &std::path::Path) {
+/// `identity` says where envd's init socket is (a forward to it connects there) and what the
+/// identity operation may change.
+pub async fn serve(io: Box<dyn Io>, identity: &IdentityConfig) {
     let mut framed = Framed::new(io, FrameCodec::<Request>::new());
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, framed.next()).await {
         Err(_elapsed) => Err(ErrorReply::new(
@@ -42,13 +44,17 @@ pub async fn serve(io: Box<dyn Io>, envd_init_socket: &std::path::Path) {
     let result = match op {
         // A forward hands the whole connection over to the splice.
         Operation::Forward(forward) => {
-            return forward::run(forward, conn, envd_init_socket).await;
+            return forward::run(forward, conn, &identity.envd_init_socket).await;
         }
         Operation::Hello => send(&mut conn, AgentMessage::Hello(status::hello())).await,
         Operation::Health => send(&mut conn, AgentMessage::Health(status::health())).await,
         Operation::Exec(exec) => exec::run(exec, &mut conn).await,
         Operation::ReadFile(read) => files::read(read, &mut conn).await,
         Operation::WriteFile(write) => files::write(write, &mut conn).await,
+        Operation::Identity(request) => match crate::identity::apply(request, identity).await {
+            Ok(applied) => send(&mut conn, AgentMessage::IdentityApplied(applied)).await,
+            Err(reply) => Err(reply),
+        },
     };
     match result {
         Ok(()) => linger(conn).await,

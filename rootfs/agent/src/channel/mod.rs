@@ -22,25 +22,31 @@ mod status;
 mod transport;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
 pub use transport::{Announce, Listen};
 
+use crate::identity::{IdentityConfig, SystemEffects};
 use crate::say;
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 256;
 
-/// Where the channel listens, whom it tells that it is ready, and where the envd API's
-/// private init socket is (the one place `forward` with target `envd_init` connects to).
+/// Where the channel listens, whom it tells that it is ready, where the envd API's private
+/// init socket is (the one place `forward` with target `envd_init` connects to), and what the
+/// identity operation may change ([`crate::identity`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoints {
     pub listen: Listen,
     pub announce: Announce,
     pub envd_init_socket: PathBuf,
+    /// Machine-wide settings `identity` applies: all of them in a VM (the default).
+    pub identity_effects: SystemEffects,
+    /// The code interpreter's admin socket, which `identity` hands the access token to.
+    pub interpreter_admin_socket: PathBuf,
 }
 
 impl Default for Endpoints {
@@ -49,6 +55,18 @@ impl Default for Endpoints {
             listen: Listen::default(),
             announce: Announce::default(),
             envd_init_socket: crate::envd::DEFAULT_INIT_SOCKET.into(),
+            identity_effects: SystemEffects::ALL,
+            interpreter_admin_socket: crate::identity::DEFAULT_INTERPRETER_ADMIN_SOCKET.into(),
+        }
+    }
+}
+
+impl Endpoints {
+    fn identity_config(&self) -> IdentityConfig {
+        IdentityConfig {
+            effects: self.identity_effects,
+            envd_init_socket: self.envd_init_socket.clone(),
+            interpreter_admin_socket: self.interpreter_admin_socket.clone(),
         }
     }
 }
@@ -109,7 +127,7 @@ async fn serve(endpoints: &Endpoints, reaper: Reaper) -> io::Result<()> {
     if endpoints.announce != Announce::Nowhere {
         tokio::spawn(announce::hello(endpoints.announce.clone()));
     }
-    let envd_init_socket: Arc<Path> = Arc::from(endpoints.envd_init_socket.as_path());
+    let identity = Arc::new(endpoints.identity_config());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let slot = Arc::clone(&slots)
@@ -118,9 +136,9 @@ async fn serve(endpoints: &Endpoints, reaper: Reaper) -> io::Result<()> {
             .map_err(io::Error::other)?;
         match listener.accept().await {
             Ok(io) => {
-                let envd_init_socket = Arc::clone(&envd_init_socket);
+                let identity = Arc::clone(&identity);
                 tokio::spawn(async move {
-                    connection::serve(io, &envd_init_socket).await;
+                    connection::serve(io, &identity).await;
                     drop(slot);
                 });
             }

@@ -173,8 +173,10 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
-/// A Unix socket only root can connect to.
-fn bind_private_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+/// A Unix socket only root can connect to (also the code interpreter's admin socket).
+pub(crate) fn bind_private_socket(
+    path: &std::path::Path,
+) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;

@@ -7,7 +7,7 @@
 
 mod cmdline;
 mod console;
-mod hostname;
+pub(crate) mod hostname;
 mod mounts;
 mod reaper;
 mod shutdown;

@@ -13,7 +13,8 @@
 //! Kernel start-up is the kernel's own (importing IPython), see `README.md` for figures.
 //!
 //! ## Layout
-//! - [`options`]: the subcommand's flags. [`server`]: routes, token, errors.
+//! - [`options`]: the subcommand's flags. [`server`]: routes, token, errors. [`admin`]: the
+//!   private socket where the agent's identity operation replaces the token.
 //! - [`contexts`]: contexts and the default one. [`execution`]: one `/execute`.
 //! - [`sandbox_env`]: the sandbox's env vars, from envd.
 //! - [`kernel`]: a kernel process and its ZeroMQ channels. [`translate`]: Jupyter messages →
@@ -23,6 +24,7 @@
 //! It runs as its own process (`roost-agent interpreter`), not inside PID 1: its kernels are
 //! then its own children, reaped by tokio, and never by init's `waitpid(-1)` loop.
 
+pub mod admin;
 pub mod contexts;
 pub mod env_vars;
 pub mod execution;
@@ -111,6 +113,10 @@ async fn serve(options: &InterpreterOptions) -> anyhow::Result<()> {
         options.access_token.as_deref(),
         options.envd,
     ));
+    // Bound before the public port opens: once /health answers, the token can be handed over.
+    if let Some(socket) = &options.admin_socket {
+        admin::serve(socket, Arc::clone(&state)).context("admin socket")?;
+    }
     let address = SocketAddr::new(options.listen, options.port);
     let listener = tokio::net::TcpListener::bind(address)
         .await

@@ -28,6 +28,9 @@ pub struct InterpreterOptions {
     pub kernel_start_timeout: Duration,
     /// envd, asked for the sandbox's env vars; `--envd none` asks nobody.
     pub envd: Option<SocketAddr>,
+    /// Private Unix socket (mode 0600) where `POST /init` replaces the access token: the
+    /// agent's identity operation hands a restored sandbox's token over it.
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl Default for InterpreterOptions {
@@ -43,6 +46,7 @@ impl Default for InterpreterOptions {
             kernel_env: Vec::new(),
             kernel_start_timeout: Duration::from_secs(60),
             envd: Some(SocketAddr::from(([127, 0, 0, 1], 49983))),
+            admin_socket: None,
         }
     }
 }
@@ -76,6 +80,7 @@ impl InterpreterOptions {
                 "--python" => options.python = value()?.into(),
                 "--user" => options.user = value()?,
                 "--cwd" => options.cwd = Some(value()?.into()),
+                "--admin-socket" => options.admin_socket = Some(value()?.into()),
                 "--runtime-dir" => options.runtime_dir = value()?.into(),
                 "--envd" => {
                     let v = value()?;
@@ -148,8 +153,11 @@ mod tests {
             "5",
             "--envd",
             "none",
+            "--admin-socket",
+            "/run/a.sock",
         ])
         .unwrap();
+        assert_eq!(options.admin_socket, Some(PathBuf::from("/run/a.sock")));
         assert_eq!(options.port, 0);
         assert_eq!(options.access_token.as_deref(), Some("t0k"));
         assert_eq!(options.python, PathBuf::from("/venv/bin/python"));

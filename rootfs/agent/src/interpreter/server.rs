@@ -36,8 +36,9 @@ pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 #[derive(Debug)]
 pub struct AppState {
     pub contexts: Arc<Contexts>,
-    /// SHA-256 of the access token, when one is required.
-    token_digest: Option<[u8; 32]>,
+    /// SHA-256 of the access token, when one is required; replaced by the identity operation
+    /// through the admin socket ([`super::admin`]).
+    token_digest: std::sync::RwLock<Option<[u8; 32]>>,
     /// envd, asked for the sandbox's env vars ([`super::sandbox_env`]).
     envd: Option<SocketAddr>,
 }
@@ -50,10 +51,31 @@ impl AppState {
     ) -> Self {
         Self {
             contexts,
-            token_digest: access_token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            token_digest: std::sync::RwLock::new(digest(access_token)),
             envd,
         }
     }
+
+    /// Requires `access_token` from now on (an empty one turns the check off, as envd's
+    /// `/init` does).
+    pub fn set_access_token(&self, access_token: &str) {
+        let token = Some(access_token).filter(|t| !t.is_empty());
+        *self
+            .token_digest
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = digest(token);
+    }
+
+    fn required_digest(&self) -> Option<[u8; 32]> {
+        *self
+            .token_digest
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn digest(access_token: Option<&str>) -> Option<[u8; 32]> {
+    access_token.map(|t| Sha256::digest(t.as_bytes()).into())
 }
 
 /// The API as an axum router.
@@ -161,7 +183,7 @@ async fn require_access_token(
     next: Next,
 ) -> Response {
     let open = request.method() == Method::GET && request.uri().path() == "/health";
-    if let Some(expected) = &state.token_digest
+    if let Some(expected) = &state.required_digest()
         && !open
     {
         let given = request
