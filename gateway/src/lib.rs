@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reply;
+mod report;
 pub mod routes;
 pub mod server;
 pub mod target;

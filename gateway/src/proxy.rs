@@ -1,15 +1,19 @@
 //! The Pingora `ProxyHttp` implementation: request phases in order.
 //!
 //! 1. `request_filter`: rate limits, target from host/headers, then for a sandbox: route
-//!    (cache → control → auto-resume), access check, and the tunnel stream opened. Every
-//!    refusal is written here as JSON and ends the request.
-//! 2. `upstream_peer`: control's address, or a peer whose connection is the opened stream.
+//!    (cache → control → auto-resume) and access check. Every refusal is written here as JSON
+//!    and ends the request.
+//! 2. `upstream_peer`: control's address, or the sandbox port through the tunnel bridge
+//!    (`upstream::bridge`: a pooled connection for that target, or a new tunnel stream).
 //! 3. `upstream_request_filter`: forwarding headers for control.
 //! 4. Pingora streams bodies both ways (and WebSocket upgrades) without buffering.
-//! 5. `fail_to_proxy` turns a failure after the stream opened into a JSON 502, and
-//!    `logging` writes the access log line and the metrics.
+//! 5. `fail_to_proxy` turns the worker's refusal (no such sandbox, port not open) into the
+//!    contract's 502 JSON, any other failure into a JSON 502; `logging` writes the access log
+//!    line and the metrics.
 
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,8 +31,8 @@ use crate::ratelimit::{self, RateLimits};
 use crate::reply::Reply;
 use crate::routes::resolver::{ResolveError, Resolver};
 use crate::target::{Router, SandboxTarget, Target};
-use crate::upstream::handoff::Handoff;
-use crate::upstream::{DialError, SandboxDialer};
+use crate::upstream::DialError;
+use crate::upstream::bridge::BridgeConnector;
 
 /// Longest path written to an access log line (paths are client-controlled).
 const LOGGED_PATH_MAX: usize = 200;
@@ -41,7 +45,7 @@ pub struct RequestCtx {
     target: Option<Target>,
     team: Option<String>,
     worker: Option<String>,
-    upstream: Option<Arc<Handoff>>,
+    connector: Option<Arc<BridgeConnector>>,
 }
 
 impl RequestCtx {
@@ -66,10 +70,13 @@ pub struct GatewayProxy {
     pub(crate) router: Router,
     pub(crate) control_addr: SocketAddr,
     pub(crate) resolver: Arc<Resolver>,
-    pub(crate) dialer: Arc<dyn SandboxDialer>,
+    /// Unix socket of the tunnel bridge.
+    pub(crate) bridge: PathBuf,
     pub(crate) limits: Arc<RateLimits>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) dial_timeout: Duration,
+    /// How long an idle pooled connection to a sandbox port is kept.
+    pub(crate) upstream_idle: Duration,
 }
 
 impl std::fmt::Debug for GatewayProxy {
@@ -120,28 +127,12 @@ impl GatewayProxy {
             &request.headers,
         )
         .map_err(|denied| Reply::error(denied.status(), denied.to_string()))?;
-        let dial = self.dialer.dial(&worker, &target.sandbox, target.port);
-        let stream = match tokio::time::timeout(self.dial_timeout, dial).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                self.metrics
-                    .dial_failures
-                    .with_label_values(&[error.reason()])
-                    .inc();
-                return Err(dial_reply(&target, &error));
-            }
-            Err(_) => {
-                self.metrics
-                    .dial_failures
-                    .with_label_values(&["timeout"])
-                    .inc();
-                return Err(Reply::error(
-                    502,
-                    "the sandbox's worker did not answer in time",
-                ));
-            }
-        };
-        ctx.upstream = Some(Arc::new(Handoff::new(stream)));
+        ctx.connector = Some(Arc::new(BridgeConnector::new(
+            &self.bridge,
+            &worker,
+            &target.sandbox,
+            target.port,
+        )));
         Ok(())
     }
 }
@@ -157,7 +148,7 @@ impl ProxyHttp for GatewayProxy {
             target: None,
             team: None,
             worker: None,
-            upstream: None,
+            connector: None,
         }
     }
 
@@ -183,26 +174,33 @@ impl ProxyHttp for GatewayProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        match (&ctx.target, &ctx.upstream) {
+        match (&ctx.target, &ctx.connector) {
             (Some(Target::Control), _) => Ok(Box::new(HttpPeer::new(
                 self.control_addr,
                 false,
                 String::new(),
             ))),
-            (Some(Target::Sandbox(target)), Some(handoff)) => {
+            (Some(Target::Sandbox(target)), Some(connector)) => {
                 let mut options = PeerOptions::new();
-                options.custom_l4 = Some(handoff.clone());
-                // Never pooled: the stream belongs to this request (Pingora cannot reuse
-                // connections without a file descriptor anyway).
-                options.idle_timeout = Some(Duration::ZERO);
-                let address = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), target.port);
+                options.custom_l4 = Some(connector.clone());
+                options.idle_timeout = Some(self.upstream_idle);
+                // Custom connectors ignore `connection_timeout`.
+                options.total_connection_timeout = Some(self.dial_timeout);
+                let address = L4Addr::Unix(
+                    std::os::unix::net::SocketAddr::from_pathname(&self.bridge)
+                        .or_else(|e| Error::e_explain(ErrorType::InternalError, e.to_string()))?,
+                );
+                // Pooled connections are per target: one tunnel stream serves one port of
+                // one sandbox on one worker.
+                let mut key = std::collections::hash_map::DefaultHasher::new();
+                (ctx.worker.as_deref(), target.sandbox.as_str(), target.port).hash(&mut key);
                 Ok(Box::new(HttpPeer {
-                    _address: L4Addr::Inet(address),
+                    _address: address,
                     scheme: Scheme::HTTP,
                     sni: String::new(),
                     proxy: None,
                     client_cert_key: None,
-                    group_key: 0,
+                    group_key: key.finish(),
                     options,
                 }))
             }
@@ -262,8 +260,28 @@ impl ProxyHttp for GatewayProxy {
                 pingora::ErrorSource::Internal | pingora::ErrorSource::Unset => 500,
             },
         };
+        let refusal = ctx.connector.as_ref().and_then(|c| c.take_failure());
+        if let (Some(failure), Some(target)) = (refusal, ctx.sandbox()) {
+            self.metrics
+                .dial_failures
+                .with_label_values(&[failure.reason()])
+                .inc();
+            if session.response_written().is_none() {
+                let reply = dial_reply(target, &failure);
+                if let Err(e) = reply.send(session).await {
+                    tracing::debug!(error = %e, "could not send the error reply");
+                }
+                return FailToProxy {
+                    error_code: reply.status,
+                    can_reuse_downstream: false,
+                };
+            }
+        }
         if code > 0 && session.response_written().is_none() {
             let message = match (code, ctx.sandbox()) {
+                (502, Some(_)) if matches!(error.etype(), ErrorType::ConnectTimedout) => {
+                    "the sandbox's worker did not answer in time"
+                }
                 (502, Some(_)) => "the connection to the sandbox port failed",
                 (502, None) => "control is unreachable",
                 _ => "the request could not be proxied",

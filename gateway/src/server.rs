@@ -24,6 +24,10 @@ use crate::routes::resolver::{Resolver, ResolverConfig};
 use crate::routes::sync::RouteSync;
 use crate::target::Router;
 use crate::upstream::SandboxDialer;
+use crate::upstream::bridge::{Bridge, BridgeDir, BridgeError};
+
+/// How long an idle pooled connection to a sandbox port (and its tunnel stream) is kept.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Everything `roost serve gateway` configures.
 #[derive(Debug, Clone)]
@@ -75,6 +79,8 @@ pub enum BuildError {
     },
     #[error("certificate or key path {0} is not valid UTF-8")]
     NonUtf8Path(PathBuf),
+    #[error("cannot set up the tunnel bridge")]
+    Bridge(#[from] BridgeError),
 }
 
 /// Shared state the tests and the CLI may want to look at.
@@ -82,14 +88,48 @@ pub enum BuildError {
 pub struct GatewayParts {
     pub metrics: Arc<Metrics>,
     pub routes: Arc<RouteCache>,
+    /// The tunnel bridge's socket (removed with its directory when the server stops).
+    pub bridge_socket: PathBuf,
 }
 
-/// Builds the Pingora server; run it with `Server::run` (the caller picks the signal source).
+/// The assembled gateway, ready to run.
+pub struct GatewayServer {
+    server: Server,
+    /// Removed once the server has stopped.
+    bridge_dir: BridgeDir,
+}
+
+impl std::fmt::Debug for GatewayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayServer")
+            .field("bridge_dir", &self.bridge_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayServer {
+    /// Runs until SIGTERM (graceful: grace period, then the shutdown timeout) or SIGINT
+    /// (immediate). Blocks the calling thread; Pingora makes its own runtimes.
+    pub fn run_until_signalled(self) {
+        self.server.run(pingora::server::RunArgs::default());
+        drop(self.bridge_dir);
+    }
+
+    /// Runs until `stop` turns true (or its sender is dropped), then stops at once.
+    pub fn run_until_stopped(self, stop: tokio::sync::watch::Receiver<bool>) {
+        self.server.run(pingora::server::RunArgs {
+            shutdown_signal: Box::new(StopSignal(stop)),
+        });
+        drop(self.bridge_dir);
+    }
+}
+
+/// Builds the gateway's Pingora server and its services.
 pub fn build(
     config: &GatewayConfig,
     dialer: Arc<dyn SandboxDialer>,
     control: Arc<dyn ControlApi>,
-) -> Result<(Server, GatewayParts), BuildError> {
+) -> Result<(GatewayServer, GatewayParts), BuildError> {
     if config.tls.is_none() && config.listen_http.is_none() {
         return Err(BuildError::NoListener);
     }
@@ -113,11 +153,14 @@ pub fn build(
         },
         metrics.clone(),
     ));
+    let (bridge, bridge_dir) = Bridge::bind(dialer)?;
+    let bridge_socket = bridge.path().to_owned();
     let proxy = GatewayProxy {
         router: Router::new(&config.domain),
         control_addr: config.control_addr,
         resolver,
-        dialer,
+        bridge: bridge.path().to_owned(),
+        upstream_idle: UPSTREAM_IDLE,
         limits: limits.clone(),
         metrics: metrics.clone(),
         dial_timeout: config.dial_timeout,
@@ -153,12 +196,32 @@ pub fn build(
         metrics_service.add_tcp(&addr.to_string());
         server.add_service(metrics_service);
     }
+    server.add_service(background_service("tunnel bridge", bridge));
     server.add_service(background_service(
         "route sync",
         RouteSync::new(control, routes.clone(), metrics.clone()),
     ));
     server.add_service(background_service("housekeeping", Housekeeping(limits)));
-    Ok((server, GatewayParts { metrics, routes }))
+    Ok((
+        GatewayServer { server, bridge_dir },
+        GatewayParts {
+            metrics,
+            routes,
+            bridge_socket,
+        },
+    ))
+}
+
+struct StopSignal(tokio::sync::watch::Receiver<bool>);
+
+#[async_trait]
+impl pingora::server::ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        let mut stop = self.0.clone();
+        // A dropped sender also means stop.
+        let _ = stop.wait_for(|stop| *stop).await;
+        pingora::server::ShutdownSignal::FastShutdown
+    }
 }
 
 /// Trims idle rate-limit entries once a minute.

@@ -137,7 +137,10 @@ impl ControlApi for HttpControl {
         let (url, mut request) = self.request(
             Method::POST,
             &format!("/internal/v1/sandboxes/{sandbox}/resume"),
-            Full::new(Bytes::from_static(b"{}")).boxed(),
+            Full::new(Bytes::from(
+                serde_json::json!({ "timeout_secs": timeout.as_secs().max(1) }).to_string(),
+            ))
+            .boxed(),
         );
         request.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -248,12 +251,12 @@ mod tests {
             .push(b"{\"sandbox_id\":\"cl-a\",\"kind\":\"changed\"}\n: keepalive\n\nevent: route\ndata: {\"sandbox_id\":\"cl-b\",")
             .unwrap();
         assert_eq!(evs.len(), 1);
-        assert_eq!(evs[0].sandbox_id, "cl-a");
+        assert_eq!(evs[0].sandbox_id.as_deref(), Some("cl-a"));
         let evs = s.push(b"\"kind\":\"removed\"}\r\n\r\n").unwrap();
         assert_eq!(
             evs,
             vec![RouteEvent {
-                sandbox_id: "cl-b".into(),
+                sandbox_id: Some("cl-b".into()),
                 kind: RouteEventKind::Removed
             }]
         );

@@ -22,7 +22,9 @@ use serde::Deserialize;
 pub enum RouteState {
     Running,
     Paused,
-    /// Being paused, resumed, created or killed: not routable right now.
+    /// Being created: routable shortly.
+    Creating,
+    /// Lost with its worker, or any state this gateway does not know: not routable.
     #[serde(other)]
     Other,
 }
@@ -53,7 +55,9 @@ fn default_public() -> bool {
 /// One line of control's route event stream.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct RouteEvent {
-    pub sandbox_id: String,
+    /// Absent for [`RouteEventKind::Resync`].
+    #[serde(default)]
+    pub sandbox_id: Option<String>,
     pub kind: RouteEventKind,
 }
 
@@ -62,6 +66,9 @@ pub struct RouteEvent {
 pub enum RouteEventKind {
     Changed,
     Removed,
+    /// Drop every cached route (first event of every stream, and after control's buffer
+    /// overflowed).
+    Resync,
 }
 
 /// Result of asking control to resume a paused sandbox.
@@ -133,6 +140,10 @@ mod tests {
             serde_json::from_str(r#"{"sandbox_id":"cl-a","team_id":"t","state":"pausing"}"#)
                 .unwrap();
         assert_eq!(minimal.state, RouteState::Other);
+        let creating: Route =
+            serde_json::from_str(r#"{"sandbox_id":"cl-a","team_id":"t","state":"creating"}"#)
+                .unwrap();
+        assert_eq!(creating.state, RouteState::Creating);
         assert!(minimal.public);
     }
 
@@ -141,5 +152,7 @@ mod tests {
         let ev: RouteEvent =
             serde_json::from_str(r#"{"sandbox_id":"cl-a","kind":"removed"}"#).unwrap();
         assert_eq!(ev.kind, RouteEventKind::Removed);
+        let ev: RouteEvent = serde_json::from_str(r#"{"kind":"resync"}"#).unwrap();
+        assert_eq!((ev.kind, ev.sandbox_id), (RouteEventKind::Resync, None));
     }
 }

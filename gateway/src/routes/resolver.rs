@@ -14,6 +14,9 @@ use super::cache::RouteCache;
 use super::{ControlApi, ControlError, ResumeOutcome, Route, RouteState};
 use crate::metrics::Metrics;
 
+/// How often a sandbox being created is looked up again.
+const CREATING_POLL: Duration = Duration::from_millis(100);
+
 /// Why there is no route to use.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -77,7 +80,24 @@ impl Resolver {
             RouteState::Running => routable(route),
             RouteState::Paused if self.config.auto_resume => self.resume(sandbox).await,
             RouteState::Paused => Err(ResolveError::Paused),
+            RouteState::Creating => self.wait_created(sandbox).await,
             RouteState::Other => Err(ResolveError::NotFound),
+        }
+    }
+
+    /// A sandbox being created runs shortly: ask again until it does (bounded by the resume
+    /// timeout).
+    async fn wait_created(&self, sandbox: &SandboxId) -> Result<Arc<Route>, ResolveError> {
+        let deadline = tokio::time::Instant::now() + self.config.resume_timeout;
+        loop {
+            tokio::time::sleep(CREATING_POLL).await;
+            self.cache.invalidate(sandbox);
+            let route = self.lookup(sandbox).await?;
+            match route.state {
+                RouteState::Running => return routable(route),
+                RouteState::Creating if tokio::time::Instant::now() < deadline => continue,
+                _ => return Err(ResolveError::NotFound),
+            }
         }
     }
 
@@ -269,6 +289,25 @@ mod tests {
         }
         assert_eq!(control.resumes.load(Ordering::SeqCst), 1);
         assert!(r.resuming.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_being_created_is_waited_for() {
+        let control = FakeControl::new(RouteState::Creating, ResumeOutcome::Resumed);
+        let r = Arc::new(resolver(control.clone(), true));
+        let flip = {
+            let control = control.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                *control.state.lock().unwrap() = RouteState::Running;
+            })
+        };
+        assert_eq!(
+            r.resolve(&id("cl-a")).await.unwrap().state,
+            RouteState::Running
+        );
+        flip.await.unwrap();
+        assert!(control.fetches.load(Ordering::SeqCst) >= 3);
     }
 
     #[tokio::test]

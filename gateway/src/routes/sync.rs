@@ -10,9 +10,10 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use roost_proto::ids::SandboxId;
 
-use super::ControlApi;
 use super::cache::RouteCache;
+use super::{ControlApi, RouteEventKind};
 use crate::metrics::Metrics;
+use crate::report::error_chain;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -57,10 +58,15 @@ impl RouteSync {
         self.metrics.route_stream_up.set(1);
         tracing::info!("following control's route events");
         while let Some(event) = events.recv().await {
-            match event.sandbox_id.parse::<SandboxId>() {
-                Ok(id) => self.cache.invalidate(&id),
-                // Not a sandbox id we could have cached: nothing to drop.
-                Err(_) => continue,
+            match (event.kind, event.sandbox_id.as_deref()) {
+                (RouteEventKind::Resync, _) => self.cache.clear(),
+                (_, Some(id)) => match id.parse::<SandboxId>() {
+                    Ok(id) => self.cache.invalidate(&id),
+                    // Not a sandbox id we could have cached: nothing to drop.
+                    Err(_) => continue,
+                },
+                // A change without a sandbox: the safe reading is "anything may have changed".
+                (_, None) => self.cache.clear(),
             }
             self.metrics.route_events.inc();
         }
@@ -88,15 +94,4 @@ impl BackgroundService for RouteSync {
             }
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

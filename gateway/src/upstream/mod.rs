@@ -1,12 +1,11 @@
 //! How the proxy reaches a sandbox port: a [`SandboxDialer`] opens a byte stream to it (the
 //! QUIC tunnel of the hosting worker in production, anything in tests), and
-//! [`handoff::Handoff`] gives that already-open stream to Pingora as the upstream connection.
-//!
-//! The stream is opened in the request filter, before Pingora connects, so that "sandbox not
-//! found" and "port not open" from the worker become the contract's JSON replies rather than a
-//! generic connect error.
+//! [`bridge`] hands such streams to Pingora as poolable connections. The dialer's typed
+//! refusals ("sandbox not found", "port not open") reach the proxy, which turns them into the
+//! contract's JSON replies rather than a generic connect error.
 
-pub mod handoff;
+pub mod bridge;
+pub mod tunnel;
 
 use async_trait::async_trait;
 use roost_proto::ids::SandboxId;

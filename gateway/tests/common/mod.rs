@@ -18,7 +18,6 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
 use roost_gateway::ratelimit::Limit;
 use roost_gateway::routes::{
     ControlApi, ControlError, EventStream, ResumeOutcome, Route, RouteEvent, RouteEventKind,
@@ -83,7 +82,7 @@ impl FakeControl {
         let subscribers = self.subscribers.lock().unwrap().clone();
         for tx in subscribers {
             let _ = tx.try_send(RouteEvent {
-                sandbox_id: sandbox_id.clone(),
+                sandbox_id: Some(sandbox_id.clone()),
                 kind,
             });
         }
@@ -381,7 +380,7 @@ pub fn base_config(control_addr: SocketAddr) -> GatewayConfig {
         auto_resume: true,
         resume_timeout: Duration::from_secs(5),
         route_ttl: Duration::from_secs(60),
-        dial_timeout: Duration::from_secs(5),
+        dial_timeout: Duration::from_secs(30),
     }
 }
 
@@ -390,18 +389,6 @@ pub fn tls_listener(cert: std::path::PathBuf, key: std::path::PathBuf) -> TlsLis
         addr: free_port(),
         cert,
         key,
-    }
-}
-
-/// Stops the server when told (the tests' stand-in for SIGINT).
-struct TestSignal(watch::Receiver<bool>);
-
-#[async_trait]
-impl ShutdownSignalWatch for TestSignal {
-    async fn recv(&self) -> ShutdownSignal {
-        let mut rx = self.0.clone();
-        let _ = rx.wait_for(|stop| *stop).await;
-        ShutdownSignal::FastShutdown
     }
 }
 
@@ -426,9 +413,7 @@ impl Gateway {
             let (server, parts) = roost_gateway::server::build(&thread_config, dialer, control)
                 .expect("gateway builds");
             parts_tx.send(parts).unwrap();
-            server.run(RunArgs {
-                shutdown_signal: Box::new(TestSignal(stop_rx)),
-            });
+            server.run_until_stopped(stop_rx);
         });
         let parts = tokio::task::spawn_blocking(move || parts_rx.recv().unwrap())
             .await
