@@ -1,8 +1,10 @@
 //! The KVM VM: its fd, the in-kernel irqchip and PIT, guest memory slots, and the CPUID KVM
 //! supports on this host (the starting point for every vCPU's CPUID).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VmFd};
@@ -35,6 +37,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("could not read KVM's dirty log of memory slot {slot}")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// A created VM, ready for memory, devices and vCPUs.
@@ -43,6 +51,8 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     supported_cpuid: CpuId,
+    /// Whether guest memory was registered with `KVM_MEM_LOG_DIRTY_PAGES`.
+    dirty_logging: AtomicBool,
 }
 
 impl Vm {
@@ -87,11 +97,28 @@ impl Vm {
             kvm,
             fd,
             supported_cpuid,
+            dirty_logging: AtomicBool::new(false),
         })
     }
 
-    /// Maps every region of `mem` into the guest, one memory slot each.
+    /// Maps every region of `mem` into the guest, one memory slot each, without dirty logging.
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        self.register_memory_with(mem, false)
+    }
+
+    /// Maps every region of `mem` into the guest, one memory slot each (slot = region index).
+    /// With `dirty_logging`, KVM records every page the guest writes (needed for diff
+    /// snapshots; it costs one write-protection fault per page after each [`Vm::dirty_log`]).
+    pub fn register_memory_with(
+        &self,
+        mem: &GuestMemoryMmap,
+        dirty_logging: bool,
+    ) -> Result<(), VmError> {
+        let flags = if dirty_logging {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in (0u32..).zip(mem.iter()) {
             let host_addr = region.as_ptr() as u64;
             let region = kvm_userspace_memory_region {
@@ -99,7 +126,7 @@ impl Vm {
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host_addr,
-                flags: 0,
+                flags,
             };
             // SAFETY: the host range is a live mapping owned by `mem`, which the VMM keeps alive
             // (shared with every device) until the VM fd is closed; slots do not overlap because
@@ -107,7 +134,51 @@ impl Vm {
             unsafe { self.fd.set_user_memory_region(region) }
                 .map_err(|source| VmError::SetMemory { slot, source })?;
         }
+        self.dirty_logging.store(dirty_logging, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether guest memory was registered with dirty logging.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging.load(Ordering::Relaxed)
+    }
+
+    /// The pages the guest wrote since registration or the previous call, as a bitmap over
+    /// `mem`'s regions laid end to end (bit `i` of word `i / 64` = page `i`), and resets KVM's
+    /// log. `None` when memory was registered without dirty logging. Call with the vCPUs paused
+    /// for a consistent snapshot.
+    pub fn dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Option<Vec<u64>>, VmError> {
+        if !self.dirty_logging() {
+            return Ok(None);
+        }
+        let page = crate::memory::PAGE_SIZE as u64;
+        let total_pages: u64 = mem.iter().map(|r| r.len() / page).sum();
+        let words = usize::try_from(total_pages.div_ceil(64)).unwrap_or(usize::MAX);
+        let mut out = vec![0u64; words];
+        let mut first = 0u64;
+        for (slot, region) in (0u32..).zip(mem.iter()) {
+            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot, len)
+                .map_err(|source| VmError::DirtyLog { slot, source })?;
+            let pages = region.len() / page;
+            for (w, word) in (0u64..).zip(bitmap) {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let p = w * 64 + bit;
+                    let i = first + p;
+                    let word = usize::try_from(i / 64).ok().and_then(|w| out.get_mut(w));
+                    if let (true, Some(word)) = (p < pages, word) {
+                        *word |= 1 << (i % 64);
+                    }
+                }
+            }
+            first += pages;
+        }
+        Ok(Some(out))
     }
 
     pub fn fd(&self) -> &VmFd {
