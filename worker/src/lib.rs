@@ -7,5 +7,6 @@
 
 pub mod cgroup;
 pub mod host_check;
+pub mod jail;
 pub mod tunnel;
 pub mod vm_handle;

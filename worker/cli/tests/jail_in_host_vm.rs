@@ -1,0 +1,180 @@
+//! The jailer on a real kernel with real KVM, inside the host VM: a shell in a jail sees only
+//! its own files, runs as the unprivileged uid in its own namespaces and cannot regain
+//! privileges; our VMM boots the base image jailed and its agent answers through the socket in
+//! the jail's directory; SIGTERM to the jailer stops the VM and removes the jail; a jailer
+//! killed with SIGKILL takes its VMM with it and `roost jail clean` removes what is left, with
+//! no mount visible afterwards.
+//!
+//! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p
+//! roost-agent-client`) and the `kernel` and `rootfs-base` artefacts (`roost images build`).
+
+use std::time::Duration;
+
+use roost_hostvm::HostVm;
+use roost_hostvm::script::ScriptRun;
+
+const SCRIPT: &str = r#"
+result() { echo "RESULT $1 $2"; }
+K=$(sed -n 's/.*"path": "\(.*\)".*/\1/p' $ROOST_CACHE_DIR/index/kernel.json)
+R=$(sed -n 's/.*"path": "\(.*\)".*/\1/p' $ROOST_CACHE_DIR/index/rootfs-base.json)
+ROOST=$(command -v roost)
+BB=$(command -v busybox)
+J=/tmp/jails
+JAIL="roost jail run --uid 1000 --gid 1000"
+
+# 1. What a program inside sees and may do.
+$JAIL --root $J/look --hostname jailed --binary $BB --device /dev/null --writable-dir /run -- \
+  $BB sh -c "echo ROOT \$($BB ls -A / | $BB tr '\n' ' '); echo ID \$($BB id -u) \$($BB id -g); \
+    echo HOST \$($BB hostname); echo PID \$\$; echo LINKS \$($BB ip -o link | $BB wc -l); \
+    $BB mknod /run/x c 1 3 2>/dev/null && echo MKNOD yes || echo MKNOD no; \
+    $BB hostname other 2>/dev/null && echo SETHOST yes || echo SETHOST no; \
+    [ -e /etc/passwd ] && echo ETC yes || echo ETC no" > /tmp/look.out 2>/tmp/look.err
+result look-exit $?
+cat /tmp/look.out /tmp/look.err | sed 's/^/LOOK /'
+result look-root "$(sed -n 's/^ROOT //p' /tmp/look.out)"
+result look-id "$(sed -n 's/^ID //p' /tmp/look.out)"
+result look-host "$(sed -n 's/^HOST //p' /tmp/look.out)"
+result look-pid "$(sed -n 's/^PID //p' /tmp/look.out)"
+result look-links "$(sed -n 's/^LINKS //p' /tmp/look.out)"
+result look-mknod "$(sed -n 's/^MKNOD //p' /tmp/look.out)"
+result look-sethost "$(sed -n 's/^SETHOST //p' /tmp/look.out)"
+result look-etc "$(sed -n 's/^ETC //p' /tmp/look.out)"
+result look-removed "$([ -e $J/look ] && echo no || echo yes)"
+
+# Bad input is refused before anything is made.
+roost jail run --uid 0 --gid 0 --root $J/bad --binary $BB -- $BB true 2>/tmp/bad.err
+result bad-root-uid $?
+result bad-root-msg "$(grep -c 'unprivileged identity' /tmp/bad.err)"
+result bad-left "$([ -e $J/bad ] && echo yes || echo no)"
+
+# 2. Our VMM, jailed.
+vmm_pid() { # the pid (host view) of the VMM jailed under $1
+  for d in /proc/[0-9]*; do
+    case "$(tr '\0' ' ' < $d/cmdline 2>/dev/null)" in
+      *"roost vm run"*"--serial-log /run/serial.log"*)
+        [ "$(readlink $d/cwd 2>/dev/null)" = "/" ] || continue
+        [ -e "$d/root/run/serial.log" ] && [ "$(stat -c %i $d/root/run)" = "$(stat -c %i $1/run)" ] && echo ${d#/proc/};;
+    esac
+  done
+}
+boot_jailed() { # NAME
+  $JAIL --root $J/$1 --hostname vmm-$1 --binary $ROOST --mount $K:/kernel --mount $R:/rootfs \
+    --device /dev/kvm --device /dev/urandom --writable-dir /run -- \
+    $ROOST vm run --kernel /kernel --rootfs /rootfs --rootfs-ro --vsock-uds /run/v.sock \
+    --serial-log /run/serial.log > /tmp/$1.out 2>/tmp/$1.err &
+}
+wait_agent() { # NAME: until the agent answers through the jail's socket (at most ~240 s)
+  i=0
+  until roost-agent-ctl --vsock-uds $J/$1/run/v.sock health > /dev/null 2>&1; do
+    i=$((i+1)); [ $i -lt 480 ] || return 1; usleep 500000
+  done
+}
+boot_jailed vm1
+JP=$!
+wait_agent vm1; result vm-ready $?
+result vm-exec "$(roost-agent-ctl --vsock-uds $J/vm1/run/v.sock exec -- echo jailed-hello)"
+P=$(vmm_pid $J/vm1)
+result vm-found "$([ -n "$P" ] && echo yes || echo no)"
+result vm-uid "$(awk '/^Uid:/ {print $2}' /proc/$P/status)"
+result vm-capeff "$(awk '/^CapEff:/ {print $2}' /proc/$P/status)"
+result vm-nspid "$(awk '/^NSpid:/ {print $NF}' /proc/$P/status)"
+for ns in mnt pid ipc uts net; do
+  result vm-ns-$ns "$([ "$(readlink /proc/$P/ns/$ns)" != "$(readlink /proc/self/ns/$ns)" ] && echo own || echo shared)"
+done
+result vm-root "$(ls -A /proc/$P/root/ | tr '\n' ' ')"
+kill -TERM $JP; wait $JP; result vm-term-exit $?
+result vm-removed "$([ -e $J/vm1 ] && echo no || echo yes)"
+tail -3 /tmp/vm1.err | sed 's/^/VM1 /'
+
+# 3. A jailer killed with SIGKILL: its VMM dies with it; clean removes the directory.
+boot_jailed vm2
+JP=$!
+wait_agent vm2; result vm2-ready $?
+P=$(vmm_pid $J/vm2)
+kill -9 $JP; wait $JP 2>/dev/null
+i=0; while [ -n "$P" ] && [ -e /proc/$P ] && [ $i -lt 100 ]; do usleep 100000; i=$((i+1)); done
+result vm2-vmm-gone "$([ -n "$P" ] && [ ! -e /proc/$P ] && echo yes || echo no)"
+result vm2-left-before-clean "$([ -e $J/vm2 ] && echo yes || echo no)"
+roost jail clean --base $J > /dev/null; result clean-exit $?
+result jails-left "$(ls -A $J | wc -l)"
+result mounts-left "$(grep -c " $J" /proc/self/mountinfo)"
+"#;
+
+#[test]
+fn jailer_in_host_vm() {
+    let run = ScriptRun::run(
+        HostVm::builder().timeout(Duration::from_secs(600)),
+        SCRIPT,
+        &["kernel", "rootfs-base"],
+    )
+    .expect("host VM run");
+    let all = run.transcript();
+    let get = |key: &str| run.expect_result(key);
+
+    assert_eq!(get("look-exit"), "0", "{all}");
+    let root: Vec<&str> = get("look-root").split_whitespace().collect();
+    let mut sorted = root.clone();
+    sorted.sort();
+    assert!(
+        sorted
+            .iter()
+            .all(|e| ["bin", "dev", "lib", "lib64", "run", "usr"].contains(e)),
+        "only the binary's directories, /dev and /run are inside: {root:?}; {all}"
+    );
+    assert_eq!(get("look-id"), "1000 1000", "{all}");
+    assert_eq!(get("look-host"), "jailed", "{all}");
+    assert_eq!(
+        get("look-pid"),
+        "1",
+        "PID 1 of its own PID namespace; {all}"
+    );
+    assert_eq!(
+        get("look-links"),
+        "1",
+        "a new network namespace: loopback only; {all}"
+    );
+    assert_eq!(get("look-mknod"), "no", "{all}");
+    assert_eq!(get("look-sethost"), "no", "{all}");
+    assert_eq!(get("look-etc"), "no", "host files are not visible; {all}");
+    assert_eq!(get("look-removed"), "yes", "{all}");
+
+    assert_eq!(get("bad-root-uid"), "1", "{all}");
+    assert_eq!(get("bad-root-msg"), "1", "{all}");
+    assert_eq!(get("bad-left"), "no", "{all}");
+
+    assert_eq!(get("vm-ready"), "0", "{all}");
+    assert_eq!(get("vm-exec"), "jailed-hello", "{all}");
+    assert_eq!(get("vm-found"), "yes", "{all}");
+    assert_eq!(get("vm-uid"), "1000", "{all}");
+    assert_eq!(get("vm-capeff"), "0000000000000000", "{all}");
+    assert_eq!(get("vm-nspid"), "1", "{all}");
+    for ns in ["mnt", "pid", "ipc", "uts", "net"] {
+        assert_eq!(get(&format!("vm-ns-{ns}")), "own", "{ns}; {all}");
+    }
+    let vm_root: Vec<&str> = get("vm-root").split_whitespace().collect();
+    assert!(
+        vm_root.contains(&"kernel") && vm_root.contains(&"rootfs"),
+        "{all}"
+    );
+    assert!(
+        !vm_root.contains(&"etc") && !vm_root.contains(&"opt"),
+        "{all}"
+    );
+    assert_eq!(
+        get("vm-term-exit"),
+        "5",
+        "the VMM's 'stopped by a signal'; {all}"
+    );
+    assert_eq!(get("vm-removed"), "yes", "{all}");
+
+    assert_eq!(get("vm2-ready"), "0", "{all}");
+    assert_eq!(
+        get("vm2-vmm-gone"),
+        "yes",
+        "the VMM dies with its jailer; {all}"
+    );
+    assert_eq!(get("vm2-left-before-clean"), "yes", "{all}");
+    assert_eq!(get("clean-exit"), "0", "{all}");
+    assert_eq!(get("jails-left"), "0", "{all}");
+    assert_eq!(get("mounts-left"), "0", "{all}");
+}

@@ -1,0 +1,184 @@
+//! The jailed side, run in the forked child (PID 1 of its new PID namespace) until `execve`:
+//! new mount, IPC, UTS and network namespaces; the jail root becomes `/` through
+//! `pivot_root`; only the spec's bind mounts, a private `/dev` with the listed device nodes and
+//! the writable directories are there; then the identity drops to the unprivileged uid/gid
+//! (which clears every capability) and the program starts with a clean environment.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::stat::{Mode, SFlag, mknod};
+use nix::unistd::{
+    Gid, Uid, chdir, chown, pivot_root, setgroups, sethostname, setresgid, setresuid,
+};
+
+use super::spec::JailSpec;
+
+/// Where the old root is parked during `pivot_root` (inside the new root, removed after).
+const OLD_ROOT: &str = ".roost-old-root";
+
+/// Sets the jail up and execs the program; returns only with what went wrong.
+pub fn enter(spec: &JailSpec, netns: Option<OwnedFd>) -> String {
+    match setup(spec, netns) {
+        Ok(()) => exec(spec),
+        Err(message) => message,
+    }
+}
+
+fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
+    let step = |what: &str| {
+        let what = what.to_string();
+        move |e: nix::Error| format!("{what}: {e}")
+    };
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+        .map_err(step("unshare mount/IPC/UTS namespaces"))?;
+    match netns {
+        Some(fd) => {
+            setns(fd, CloneFlags::CLONE_NEWNET).map_err(step("join the network namespace"))?
+        }
+        None => unshare(CloneFlags::CLONE_NEWNET).map_err(step("unshare the network namespace"))?,
+    }
+    // Nothing mounted from here on may propagate back to the host's mount namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("make mounts private"))?;
+    let root = &spec.root;
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(step("bind the jail root"))?;
+
+    for m in &spec.mounts {
+        let target = spec.host_path(&m.inside);
+        make_mount_point(&m.host, &target)?;
+        mount(
+            Some(&m.host),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(step(&format!("bind {}", m.host.display())))?;
+        let mut flags =
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if m.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+            .map_err(step(&format!("remount {}", m.inside.display())))?;
+    }
+
+    let dev = root.join("dev");
+    fs::create_dir_all(&dev).map_err(|e| format!("create {}: {e}", dev.display()))?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(step("mount /dev"))?;
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    for device in &spec.devices {
+        let meta = fs::metadata(device).map_err(|e| format!("stat {}: {e}", device.display()))?;
+        let target = spec.host_path(device);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+        }
+        let kind = if meta.file_type().is_block_device() {
+            SFlag::S_IFBLK
+        } else {
+            SFlag::S_IFCHR
+        };
+        mknod(&target, kind, Mode::from_bits_truncate(0o600), meta.rdev())
+            .map_err(step(&format!("mknod {}", device.display())))?;
+        chown(&target, Some(uid), Some(gid))
+            .map_err(step(&format!("chown {}", device.display())))?;
+    }
+
+    for dir in &spec.writable_dirs {
+        let target = spec.host_path(dir);
+        fs::create_dir_all(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
+        chown(&target, Some(uid), Some(gid)).map_err(step(&format!("chown {}", dir.display())))?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("chmod {}: {e}", target.display()))?;
+    }
+
+    sethostname(&spec.hostname).map_err(step("set the host name"))?;
+
+    chdir(root).map_err(step("enter the jail root"))?;
+    fs::create_dir_all(OLD_ROOT).map_err(|e| format!("create {OLD_ROOT}: {e}"))?;
+    pivot_root(".", OLD_ROOT).map_err(step("pivot_root"))?;
+    chdir("/").map_err(step("chdir /"))?;
+    umount2(&*format!("/{OLD_ROOT}"), MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
+    fs::remove_dir(format!("/{OLD_ROOT}")).map_err(|e| format!("remove {OLD_ROOT}: {e}"))?;
+
+    // Dropping root's uid clears the permitted and effective capability sets.
+    setgroups(&[gid]).map_err(step("set supplementary groups"))?;
+    setresgid(gid, gid, gid).map_err(step("set gid"))?;
+    setresuid(uid, uid, uid).map_err(step("set uid"))?;
+    // After the uid change (which resets it): the program dies with its jailer.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(step("set the parent-death signal"))?;
+    // No exec inside the jail can gain privileges (setuid files, file capabilities).
+    nix::sys::prctl::set_no_new_privs().map_err(step("set no_new_privs"))?;
+    Ok(())
+}
+
+fn exec(spec: &JailSpec) -> String {
+    let to_c = |bytes: &[u8]| {
+        CString::new(bytes)
+            .map_err(|_| "a NUL byte in the program, an argument or the environment".to_string())
+    };
+    let run = || -> Result<std::convert::Infallible, String> {
+        let program = to_c(spec.program.as_os_str().as_bytes())?;
+        let mut argv = vec![program.clone()];
+        for arg in &spec.args {
+            argv.push(to_c(arg.as_bytes())?);
+        }
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                to_c(&kv)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        nix::unistd::execve(&program, &argv, &env)
+            .map_err(|e| format!("exec {} inside the jail: {e}", spec.program.display()))
+    };
+    match run() {
+        Ok(never) => match never {},
+        Err(message) => message,
+    }
+}
+
+/// Creates the empty file or directory a bind mount of `source` needs at `target`.
+fn make_mount_point(source: &Path, target: &Path) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("create {}: {e}", target.display());
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(err)?;
+    }
+    if source.is_dir() {
+        fs::create_dir_all(target).map_err(err)
+    } else {
+        File::create(target).map(drop).map_err(err)
+    }
+}
