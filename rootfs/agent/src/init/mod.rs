@@ -9,6 +9,7 @@ mod cmdline;
 mod console;
 pub(crate) mod hostname;
 mod mounts;
+mod network;
 mod reaper;
 mod shutdown;
 mod signals;
@@ -99,6 +100,9 @@ fn set_up(options: &InitOptions) -> (String, KernelCmdline) {
         }
         for error in errors {
             say!("{}", chain(&error));
+        }
+        if let Err(e) = network::configure() {
+            say!("{}", chain(&e));
         }
     }
     let cmdline = KernelCmdline::read();
