@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own `cmd_*` module and returns the process exit code; only
 //! this file maps errors to exit codes.
 
+mod cmd_certs;
 mod cmd_doctor;
 mod cmd_hostvm;
 mod cmd_images;
@@ -44,6 +45,10 @@ enum Command {
     /// Operator actions on the control service's database (e.g. the first platform admin).
     #[command(subcommand)]
     Control(cmd_serve::ControlCommand),
+    /// Development certificates: a CA, the gateway's wildcard certificate, worker and client
+    /// certificates.
+    #[command(subcommand)]
+    Certs(cmd_certs::CertsCommand),
     /// Run commands in a sandbox microVM through the worker's VM handle and the in-guest agent.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => cmd_doctor::run(args),
+        Command::Certs(command) => cmd_certs::run(command),
         Command::Images(command) => cmd_images::run(command),
         Command::Hostvm(HostvmCommand::Run(args)) => cmd_hostvm::run(args),
         Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
