@@ -64,6 +64,9 @@ pub struct VmHandleConfig {
     /// How long the agent may take to announce itself after the VMM starts.
     pub ready_timeout: Duration,
     pub seccomp: SeccompMode,
+    /// Serve the VMM's control API (`--api-socket`) so that the handle can pause, resume and
+    /// snapshot the VM. Off by default: with it the VMM keeps dirty-page logging on.
+    pub control_api: bool,
 }
 
 impl VmHandleConfig {
@@ -85,6 +88,7 @@ impl VmHandleConfig {
             runtime_dir: runtime_dir.into(),
             ready_timeout: Duration::from_secs(60),
             seccomp: SeccompMode::Enforce,
+            control_api: false,
         }
     }
 
@@ -108,28 +112,74 @@ impl VmHandleConfig {
         if self.ready_timeout.is_zero() {
             return Err(ConfigError::ReadyTimeout);
         }
-        self.validate_runtime_dir()
+        validate_runtime_dir(&self.runtime_dir)
+    }
+}
+
+/// Everything needed to restore one microVM from a snapshot. The VM's shape (vCPUs, memory,
+/// devices, kernel command line) is the snapshot's; host-side paths are given anew.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The `roost` binary whose `vm run --restore` becomes the VMM.
+    pub vmm_binary: PathBuf,
+    /// A snapshot directory written by the VMM's `snapshot` request (holds `vm.state`).
+    pub snapshot_dir: PathBuf,
+    /// Per-VM directory, as for [`VmHandleConfig::runtime_dir`].
+    pub runtime_dir: PathBuf,
+    /// How long the restored agent may take to take its identity.
+    pub ready_timeout: Duration,
+    pub seccomp: SeccompMode,
+}
+
+/// The state file every snapshot directory holds.
+pub const SNAPSHOT_STATE_FILE: &str = "vm.state";
+
+impl RestoreConfig {
+    /// The `roost` next to the current executable, a 60 s ready timeout and enforced seccomp.
+    pub fn new(snapshot_dir: impl Into<PathBuf>, runtime_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            vmm_binary: default_vmm_binary(),
+            snapshot_dir: snapshot_dir.into(),
+            runtime_dir: runtime_dir.into(),
+            ready_timeout: Duration::from_secs(60),
+            seccomp: SeccompMode::Enforce,
+        }
     }
 
-    fn validate_runtime_dir(&self) -> Result<(), ConfigError> {
-        let dir = &self.runtime_dir;
-        if !dir.is_absolute() {
-            return Err(ConfigError::RuntimeDirRelative(dir.clone()));
+    /// Checks the binary, the snapshot directory and the runtime directory; creates nothing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        regular_file("VMM binary", &self.vmm_binary)?;
+        if !self.snapshot_dir.is_absolute() {
+            return Err(ConfigError::SnapshotRelative(self.snapshot_dir.clone()));
         }
-        let longest = dir.join(LONGEST_SOCKET_NAME);
-        if longest.as_os_str().len() > SUN_PATH_MAX {
-            return Err(ConfigError::RuntimeDirTooLong {
-                dir: dir.clone(),
-                max: SUN_PATH_MAX - LONGEST_SOCKET_NAME.len() - 1,
-            });
+        regular_file(
+            "snapshot state",
+            &self.snapshot_dir.join(SNAPSHOT_STATE_FILE),
+        )?;
+        if self.ready_timeout.is_zero() {
+            return Err(ConfigError::ReadyTimeout);
         }
-        if std::fs::symlink_metadata(dir).is_ok() {
-            return Err(ConfigError::RuntimeDirExists(dir.clone()));
-        }
-        match dir.parent() {
-            Some(parent) if parent.is_dir() => Ok(()),
-            _ => Err(ConfigError::RuntimeDirParent(dir.clone())),
-        }
+        validate_runtime_dir(&self.runtime_dir)
+    }
+}
+
+fn validate_runtime_dir(dir: &Path) -> Result<(), ConfigError> {
+    if !dir.is_absolute() {
+        return Err(ConfigError::RuntimeDirRelative(dir.to_owned()));
+    }
+    let longest = dir.join(LONGEST_SOCKET_NAME);
+    if longest.as_os_str().len() > SUN_PATH_MAX {
+        return Err(ConfigError::RuntimeDirTooLong {
+            dir: dir.to_owned(),
+            max: SUN_PATH_MAX - LONGEST_SOCKET_NAME.len() - 1,
+        });
+    }
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Err(ConfigError::RuntimeDirExists(dir.to_owned()));
+    }
+    match dir.parent() {
+        Some(parent) if parent.is_dir() => Ok(()),
+        _ => Err(ConfigError::RuntimeDirParent(dir.to_owned())),
     }
 }
 
@@ -185,6 +235,8 @@ pub enum ConfigError {
     RuntimeDirExists(PathBuf),
     #[error("the parent of runtime directory {} is not a directory", .0.display())]
     RuntimeDirParent(PathBuf),
+    #[error("snapshot directory {} must be an absolute path", .0.display())]
+    SnapshotRelative(PathBuf),
 }
 
 #[cfg(test)]
@@ -299,6 +351,46 @@ mod tests {
         assert!(matches!(
             config.validate().unwrap_err(),
             ConfigError::ReadyTimeout
+        ));
+    }
+
+    #[test]
+    fn a_restore_needs_an_absolute_snapshot_with_its_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        let snapshot = dir.path().join("snap");
+        std::fs::create_dir(&snapshot).unwrap();
+        let mut config = RestoreConfig::new(&snapshot, dir.path().join("vm2"));
+        config.vmm_binary = base.vmm_binary;
+        let error = config.validate().unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                ConfigError::Missing {
+                    what: "snapshot state",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("vm.state"), "{error}");
+        std::fs::write(snapshot.join(SNAPSHOT_STATE_FILE), b"state").unwrap();
+        config.validate().unwrap();
+        let relative = RestoreConfig {
+            snapshot_dir: "snap".into(),
+            ..config.clone()
+        };
+        assert!(matches!(
+            relative.validate().unwrap_err(),
+            ConfigError::SnapshotRelative(_)
+        ));
+        let taken = RestoreConfig {
+            runtime_dir: snapshot,
+            ..config
+        };
+        assert!(matches!(
+            taken.validate().unwrap_err(),
+            ConfigError::RuntimeDirExists(_)
         ));
     }
 

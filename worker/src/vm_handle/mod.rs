@@ -4,6 +4,13 @@
 //! waiter thread, sockets, runtime directory) on every path: a clean shutdown, a guest panic, an
 //! agent that stops answering, a VMM killed from outside, or the handle simply dropped.
 //!
+//! A VM can also be restored from a snapshot ([`VmHandle::restore`], `roost vm run --restore`):
+//! the restored agent does not announce itself again (its vsock connections were reset), so the
+//! handle connects to it, retrying until it answers, and hands it its identity (hostname,
+//! entropy, clock, environment, token) before anything else runs. With the VMM's control API
+//! ([`VmHandleConfig::control_api`], always on for restored VMs) the handle pauses, resumes and
+//! snapshots the VM ([`vmm_api`]).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use roost_worker::vm_handle::{VmHandle, VmHandleConfig};
@@ -19,7 +26,9 @@
 //! ```
 
 mod config;
+mod restore;
 mod runtime_dir;
+pub mod vmm_api;
 mod vmm_process;
 
 use std::path::{Path, PathBuf};
@@ -30,14 +39,20 @@ use nix::sys::signal::Signal;
 use roost_agent_client::{
     AgentClient, Connector, Exec, ExecRequest, Output, ReadyError, ReadyListener, exec_argv,
 };
-use roost_proto::agent::Hello;
+use roost_proto::agent::{Hello, IdentityRequest};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::task::JoinHandle;
+use vmm_api::ApiRequest;
 
-pub use config::{ConfigError, RootfsMode, SeccompMode, VmHandleConfig, default_vmm_binary};
+pub use config::{
+    ConfigError, RestoreConfig, RootfsMode, SNAPSHOT_STATE_FILE, SeccompMode, VmHandleConfig,
+    default_vmm_binary,
+};
+pub use restore::IdentityError;
 pub use runtime_dir::{
     RuntimeDir, RuntimeDirError, default_runtime_root, ensure_runtime_root, tail,
 };
+pub use vmm_api::{ApiError, RunState, SnapshotInfo, SnapshotKind};
 pub use vmm_process::{VmmExit, VmmProcess};
 
 /// How much of the serial log and the VMM's stderr an error carries.
@@ -45,6 +60,10 @@ const TAIL_BYTES: u64 = 2048;
 /// How long the power-off request may take to be delivered before the grace period counts
 /// only the wait for the VMM.
 const POWEROFF_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long pause, resume and status may take through the VMM's API.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot may take (a full one writes all of guest memory).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A booted microVM whose agent has said hello. Dropping it kills and reaps the VMM and
 /// removes its runtime directory.
@@ -56,6 +75,8 @@ pub struct VmHandle {
     agent: AgentClient,
     hello: Hello,
     boot_to_ready: Duration,
+    /// The VMM's control API, when it serves one.
+    api_socket: Option<PathBuf>,
 }
 
 impl VmHandle {
@@ -120,6 +141,62 @@ impl VmHandle {
         );
         Ok(Self {
             agent: AgentClient::new(Connector::vm(runtime_dir.vsock_socket())),
+            api_socket: config.control_api.then(|| runtime_dir.api_socket()),
+            vmm,
+            runtime_dir,
+            hello,
+            boot_to_ready,
+        })
+    }
+
+    /// Restores a VM from `config.snapshot_dir` and hands its agent `identity` (retrying until
+    /// the agent answers, bounded by `config.ready_timeout`). The returned handle is ready and
+    /// serves the control API. Whatever fails, nothing is left behind; an agent that did not
+    /// apply every machine-wide part of the identity (entropy above all: clones must never
+    /// share random state) fails the restore.
+    pub async fn restore(
+        config: RestoreConfig,
+        identity: &IdentityRequest,
+    ) -> Result<Self, BootError> {
+        config.validate()?;
+        let runtime_dir = RuntimeDir::create(&config.runtime_dir)?;
+        let command = restore_command(&config, &runtime_dir)?;
+        let started = Instant::now();
+        let vmm = VmmProcess::spawn(command, runtime_dir.path().to_owned()).map_err(|source| {
+            BootError::Spawn {
+                binary: config.vmm_binary.clone(),
+                source,
+            }
+        })?;
+        tracing::debug!(pid = vmm.pid(), dir = %runtime_dir.path().display(), "VMM restoring");
+        let agent = AgentClient::new(Connector::vm(runtime_dir.vsock_socket()));
+        let deadline = Instant::now() + config.ready_timeout;
+        let handed = tokio::select! {
+            handed = restore::hand_identity(&agent, identity, deadline) => handed,
+            exit = vmm.exited() => {
+                return Err(BootError::VmmExited { exit, log: logs(&runtime_dir) });
+            }
+        };
+        let hello = match handed {
+            Ok(hello) => hello,
+            Err(source) => {
+                let mut vmm = vmm;
+                vmm.kill_and_reap();
+                return Err(BootError::Identity {
+                    source,
+                    log: logs(&runtime_dir),
+                });
+            }
+        };
+        let boot_to_ready = started.elapsed();
+        tracing::info!(
+            ms = boot_to_ready.as_millis(),
+            hostname = %hello.hostname,
+            "the restored agent took its identity"
+        );
+        Ok(Self {
+            agent,
+            api_socket: Some(runtime_dir.api_socket()),
             vmm,
             runtime_dir,
             hello,
@@ -132,7 +209,7 @@ impl VmHandle {
         &self.hello
     }
 
-    /// From spawning the VMM to the agent's hello.
+    /// From spawning the VMM to the agent's hello (after a restore: to its identity applied).
     pub fn boot_to_ready(&self) -> Duration {
         self.boot_to_ready
     }
@@ -190,6 +267,64 @@ impl VmHandle {
     /// task is aborted (or the VM is gone: connections then fail and are closed).
     pub fn serve_forward(&self, listener: TcpListener, port: u16) -> JoinHandle<()> {
         self.agent.serve_forward(listener, port)
+    }
+
+    /// Parks the VM's vCPUs and devices (through the VMM's control API).
+    pub async fn pause(&self) -> Result<(), VmError> {
+        self.api(&ApiRequest::Pause, API_TIMEOUT).await.map(drop)
+    }
+
+    /// Lets a paused VM run again.
+    pub async fn resume(&self) -> Result<(), VmError> {
+        self.api(&ApiRequest::Resume, API_TIMEOUT).await.map(drop)
+    }
+
+    /// Whether the VM runs or is paused.
+    pub async fn run_state(&self) -> Result<RunState, VmError> {
+        let reply = self.api(&ApiRequest::Status, API_TIMEOUT).await?;
+        reply
+            .state
+            .ok_or_else(|| VmError::Api(ApiError::BadReply("status without a state".into())))
+    }
+
+    /// Writes a snapshot of the VM into `dir` (absolute; created by the VMM, its parent must
+    /// exist). A diff snapshot needs `parent`. The VM stays paused afterwards unless `resume`.
+    pub async fn snapshot(
+        &self,
+        dir: &Path,
+        kind: SnapshotKind,
+        parent: Option<&Path>,
+        resume: bool,
+    ) -> Result<SnapshotInfo, VmError> {
+        let request = ApiRequest::Snapshot {
+            dir: dir.to_owned(),
+            kind,
+            parent: parent.map(Path::to_owned),
+            resume,
+        };
+        let reply = self.api(&request, SNAPSHOT_TIMEOUT).await?;
+        reply
+            .snapshot
+            .ok_or_else(|| VmError::Api(ApiError::BadReply("snapshot reply without info".into())))
+    }
+
+    async fn api(
+        &self,
+        request: &ApiRequest,
+        timeout: Duration,
+    ) -> Result<vmm_api::ApiReply, VmError> {
+        self.ensure_running()?;
+        let socket = self.api_socket.as_deref().ok_or(VmError::NoControlApi)?;
+        match vmm_api::call(socket, request, timeout).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(match self.vmm.try_exit() {
+                Some(exit) => VmError::VmmExited {
+                    exit,
+                    log: self.logs(),
+                },
+                None => VmError::Api(e),
+            }),
+        }
     }
 
     /// Asks the guest to power off (`roost-agent poweroff` through the agent), waits up to
@@ -295,6 +430,32 @@ fn vmm_command(
     if let Some(extra) = &config.cmdline_extra {
         command.arg("--append").arg(extra);
     }
+    if config.control_api {
+        command.arg("--api-socket").arg(dir.api_socket());
+    }
+    Ok(command)
+}
+
+/// `roost vm run --restore` for `config`, logging into `dir`, with the control API on.
+fn restore_command(config: &RestoreConfig, dir: &RuntimeDir) -> Result<Command, BootError> {
+    let stderr = std::fs::File::create(dir.vmm_stderr()).map_err(|source| BootError::Io {
+        path: dir.vmm_stderr(),
+        source,
+    })?;
+    let mut command = Command::new(&config.vmm_binary);
+    command
+        .args(["vm", "run", "--restore"])
+        .arg(&config.snapshot_dir)
+        .arg("--vsock-uds")
+        .arg(dir.vsock_socket())
+        .arg("--serial-log")
+        .arg(dir.serial_log())
+        .arg("--api-socket")
+        .arg(dir.api_socket())
+        .args(["--seccomp", config.seccomp.as_arg()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
     Ok(command)
 }
 
@@ -349,6 +510,12 @@ pub enum BootError {
     VmmExited { exit: VmmExit, log: String },
     #[error("the agent did not announce itself within {timeout:?}; the VMM was killed\n{log}")]
     ReadyTimeout { timeout: Duration, log: String },
+    #[error("the restored agent did not take its identity; the VMM was killed\n{log}")]
+    Identity {
+        #[source]
+        source: IdentityError,
+        log: String,
+    },
 }
 
 /// An operation on a booted VM failed.
@@ -358,6 +525,10 @@ pub enum VmError {
     VmmExited { exit: VmmExit, log: String },
     #[error("the agent did not answer")]
     Agent(#[source] roost_agent_client::Error),
+    #[error("the VMM's control API failed")]
+    Api(#[source] ApiError),
+    #[error("this VM was booted without the VMM's control API (VmHandleConfig::control_api)")]
+    NoControlApi,
 }
 
 #[cfg(test)]

@@ -40,6 +40,11 @@ impl RuntimeDir {
         self.path.join(VSOCK_SOCKET)
     }
 
+    /// The VMM's control API socket (`--api-socket`).
+    pub fn api_socket(&self) -> PathBuf {
+        self.path.join("api.sock")
+    }
+
     /// The guest's serial console (`--serial-log`).
     pub fn serial_log(&self) -> PathBuf {
         self.path.join("serial.log")

@@ -7,7 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use futures::SinkExt;
-use roost_proto::agent::{AgentMessage, Frame, FrameCodec, PROTOCOL_VERSION};
+use roost_proto::agent::{
+    AgentMessage, Frame, FrameCodec, IdentityApplied, PROTOCOL_VERSION, Request,
+};
 use tokio_util::codec::FramedWrite;
 
 use super::*;
@@ -228,4 +230,316 @@ async fn shutdown_without_an_agent_kills_after_the_grace_period() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!pid_alive(pid));
     assert!(!dir.exists());
+}
+
+/// A snapshot directory with its state file, and a fake VMM that records its arguments.
+fn fake_snapshot(root: &Path, vmm_body: &str) -> RestoreConfig {
+    let vmm = root.join("roost");
+    std::fs::write(&vmm, format!("#!/bin/sh\n{vmm_body}\n")).unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let snapshot = root.join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+    std::fs::write(snapshot.join(SNAPSHOT_STATE_FILE), b"state").unwrap();
+    let mut config = RestoreConfig::new(snapshot, root.join("vm"));
+    config.vmm_binary = vmm;
+    config.ready_timeout = Duration::from_secs(20);
+    config
+}
+
+fn all_applied() -> IdentityApplied {
+    IdentityApplied {
+        hostname: true,
+        entropy: true,
+        clock: true,
+        clock_step_ns: 5_000_000_000,
+        envd: true,
+        interpreter: false,
+    }
+}
+
+/// Plays a restored agent behind the VMM's vsock socket in `dir`: binds it once the runtime
+/// directory exists, drops the first `refuse` connections right after `CONNECT` (the guest
+/// still processing the transport reset), then answers `identity` with `applied` and `hello`
+/// with the identity's hostname. Returns the requests it served.
+fn restored_agent(
+    dir: PathBuf,
+    refuse: usize,
+    applied: IdentityApplied,
+) -> JoinHandle<Vec<Request>> {
+    use futures::StreamExt;
+    use roost_proto::agent::Operation;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        while !dir.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let listener = tokio::net::UnixListener::bind(dir.join("vsock.sock")).unwrap();
+        let mut served = Vec::new();
+        let mut hostname = String::new();
+        let mut refused = 0;
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "CONNECT 1025\n");
+            if refused < refuse {
+                refused += 1;
+                continue;
+            }
+            stream.write_all(b"OK 1\n").await.unwrap();
+            let mut framed =
+                tokio_util::codec::Framed::new(stream.into_inner(), FrameCodec::<Request>::new());
+            let Some(Ok(Frame::Message(request))) = framed.next().await else {
+                panic!("no request")
+            };
+            let reply = match &request.op {
+                Operation::Identity(identity) => {
+                    hostname = identity.hostname.clone();
+                    AgentMessage::IdentityApplied(applied)
+                }
+                Operation::Hello => AgentMessage::Hello(Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    min_protocol_version: PROTOCOL_VERSION,
+                    agent_version: "test".into(),
+                    hostname: hostname.clone(),
+                }),
+                other => panic!("unexpected {other:?}"),
+            };
+            framed.send(Frame::Message(reply)).await.unwrap();
+            let done = matches!(request.op, Operation::Hello);
+            served.push(request);
+            if done {
+                return served;
+            }
+        }
+    })
+}
+
+/// Plays the VMM's control API on `dir`/api.sock: answers each request line with the next of
+/// `replies`, returns the request lines.
+fn control_api(dir: PathBuf, replies: Vec<&'static str>) -> JoinHandle<Vec<String>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    // Bound before returning, so that the first request finds it.
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("api.sock")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    tokio::spawn(async move {
+        let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+        let mut requests = Vec::new();
+        for reply in replies {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            tokio::io::BufReader::new(read)
+                .read_line(&mut line)
+                .await
+                .unwrap();
+            write.write_all(reply.as_bytes()).await.unwrap();
+            requests.push(line);
+        }
+        requests
+    })
+}
+
+#[tokio::test]
+async fn restore_retries_until_the_agent_answers_and_hands_it_its_identity() {
+    let root = tempfile::tempdir().unwrap();
+    let args_file = root.path().join("args");
+    let config = fake_snapshot(
+        root.path(),
+        &format!("echo \"$@\" > {}\nexec sleep 600", args_file.display()),
+    );
+    let snapshot = config.snapshot_dir.clone();
+    let agent = restored_agent(config.runtime_dir.clone(), 3, all_applied());
+    let identity = IdentityRequest::new("sb-1", "clone-1").unwrap();
+    let vm = VmHandle::restore(config, &identity).await.unwrap();
+    let served = agent.await.unwrap();
+    assert_eq!(vm.hello().hostname, "clone-1");
+    assert_eq!(served.len(), 2, "identity, then hello: {served:?}");
+    assert_eq!(
+        served[0].op,
+        roost_proto::agent::Operation::Identity(identity)
+    );
+    let dir = vm.runtime_dir().to_owned();
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    assert_eq!(
+        args,
+        format!(
+            "vm run --restore {snap} --vsock-uds {dir}/vsock.sock --serial-log {dir}/serial.log \
+             --api-socket {dir}/api.sock --seccomp enforce\n",
+            snap = snapshot.display(),
+            dir = dir.display()
+        )
+    );
+    let pid = vm.vmm_pid();
+    drop(vm);
+    assert!(!pid_alive(pid));
+    assert!(!dir.exists(), "runtime directory removed");
+}
+
+#[tokio::test]
+async fn an_agent_that_leaves_entropy_unapplied_fails_the_restore() {
+    let root = tempfile::tempdir().unwrap();
+    let config = fake_snapshot(root.path(), "exec sleep 600");
+    let dir = config.runtime_dir.clone();
+    let applied = IdentityApplied {
+        entropy: false,
+        ..all_applied()
+    };
+    let _agent = restored_agent(dir.clone(), 0, applied);
+    let identity = IdentityRequest::new("sb-1", "clone-1").unwrap();
+    let error = VmHandle::restore(config, &identity).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            BootError::Identity {
+                source: IdentityError::Incomplete(_),
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(!dir.exists(), "runtime directory removed");
+}
+
+#[tokio::test]
+async fn a_silent_restored_agent_times_out_and_a_dying_vmm_is_reported() {
+    let root = tempfile::tempdir().unwrap();
+    let pid_file = root.path().join("pid");
+    let mut config = fake_snapshot(
+        root.path(),
+        &format!("echo $$ > {}\nexec sleep 600", pid_file.display()),
+    );
+    config.ready_timeout = Duration::from_millis(500);
+    let dir = config.runtime_dir.clone();
+    let identity = IdentityRequest::new("sb-1", "clone-1").unwrap();
+    let error = VmHandle::restore(config, &identity).await.unwrap_err();
+    let BootError::Identity {
+        source: IdentityError::Timeout { last },
+        ..
+    } = &error
+    else {
+        panic!("{error}")
+    };
+    assert!(
+        matches!(last, Some(roost_agent_client::Error::Connect { .. })),
+        "the last attempt's failure is kept: {last:?}"
+    );
+    assert!(!dir.exists());
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!pid_alive(pid), "the VMM was killed and reaped");
+
+    let root = tempfile::tempdir().unwrap();
+    let config = fake_snapshot(
+        root.path(),
+        "echo 'snapshot state: bad checksum' >&2\nexit 1",
+    );
+    let error = VmHandle::restore(config, &identity).await.unwrap_err();
+    let BootError::VmmExited { exit, log } = &error else {
+        panic!("{error}")
+    };
+    assert_eq!(*exit, VmmExit::StartFailed);
+    assert!(log.contains("bad checksum"), "{log}");
+}
+
+#[tokio::test]
+async fn a_missing_snapshot_creates_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let config = fake_snapshot(root.path(), "exit 0");
+    std::fs::remove_file(config.snapshot_dir.join(SNAPSHOT_STATE_FILE)).unwrap();
+    let dir = config.runtime_dir.clone();
+    let identity = IdentityRequest::new("sb-1", "clone-1").unwrap();
+    let error = VmHandle::restore(config, &identity).await.unwrap_err();
+    assert!(matches!(error, BootError::Config(_)), "{error}");
+    assert!(!dir.exists());
+}
+
+#[tokio::test]
+async fn pause_resume_and_snapshot_go_through_the_control_api() {
+    let root = tempfile::tempdir().unwrap();
+    let config = fake_snapshot(root.path(), "exec sleep 600");
+    let agent = restored_agent(config.runtime_dir.clone(), 0, all_applied());
+    let identity = IdentityRequest::new("sb-1", "clone-1").unwrap();
+    let vm = VmHandle::restore(config, &identity).await.unwrap();
+    agent.await.unwrap();
+    let api = control_api(
+        vm.runtime_dir().to_owned(),
+        vec![
+            "{\"ok\":true,\"state\":\"paused\"}\n",
+            "{\"ok\":true,\"state\":\"running\"}\n",
+            "{\"ok\":true,\"state\":\"running\",\"snapshot\":{\"dir\":\"/s/2\",\"kind\":\"diff\",\
+             \"memory_pages_written\":3,\"memory_depth\":2,\"paused_ms\":4,\"state_bytes\":5}}\n",
+            "{\"ok\":false,\"error\":\"no space left on device\"}\n",
+        ],
+    );
+    vm.pause().await.unwrap();
+    vm.resume().await.unwrap();
+    let info = vm
+        .snapshot(
+            Path::new("/s/2"),
+            SnapshotKind::Diff,
+            Some(Path::new("/s/1")),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!((info.memory_pages_written, info.memory_depth), (3, 2));
+    let error = vm
+        .snapshot(Path::new("/s/3"), SnapshotKind::Full, None, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, VmError::Api(ApiError::Refused(m)) if m == "no space left on device"),
+        "{error}"
+    );
+    assert_eq!(
+        api.await.unwrap(),
+        [
+            "{\"op\":\"pause\"}\n",
+            "{\"op\":\"resume\"}\n",
+            "{\"op\":\"snapshot\",\"dir\":\"/s/2\",\"kind\":\"diff\",\"parent\":\"/s/1\",\"resume\":true}\n",
+            "{\"op\":\"snapshot\",\"dir\":\"/s/3\",\"kind\":\"full\",\"resume\":false}\n",
+        ]
+    );
+    let dir = vm.runtime_dir().to_owned();
+    assert_eq!(vm.kill(), VmmExit::Signal(9));
+    assert!(!dir.exists(), "api socket and directory removed");
+}
+
+#[tokio::test]
+async fn a_booted_vm_serves_the_control_api_only_when_asked() {
+    let root = tempfile::tempdir().unwrap();
+    let vm = booted(root.path()).await;
+    let error = vm.pause().await.unwrap_err();
+    assert!(matches!(error, VmError::NoControlApi), "{error}");
+    drop(vm);
+
+    let root = tempfile::tempdir().unwrap();
+    let args_file = root.path().join("args");
+    let mut config = fake_vm(
+        root.path(),
+        &format!("echo \"$@\" > {}\nexec sleep 600", args_file.display()),
+    );
+    config.control_api = true;
+    let announcer = announce_when_listening(config.runtime_dir.clone());
+    let vm = VmHandle::boot(config).await.unwrap();
+    announcer.await.unwrap();
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    assert!(
+        args.trim_end().ends_with(&format!(
+            "--api-socket {}/api.sock",
+            vm.runtime_dir().display()
+        )),
+        "{args}"
+    );
+    let api = control_api(
+        vm.runtime_dir().to_owned(),
+        vec!["{\"ok\":true,\"state\":\"running\"}\n"],
+    );
+    assert_eq!(vm.run_state().await.unwrap(), RunState::Running);
+    api.await.unwrap();
 }
