@@ -7,14 +7,22 @@
 //! - 2: command-line usage error
 //! - 3: the guest kernel panicked (the panic line is printed)
 //! - 4: the VM failed while running (KVM internal error, unexpected VM exit, device failure)
-//! - 5: the VM was stopped by SIGTERM, SIGINT or SIGHUP (its threads joined, files removed)
+//! - 5: the VM was stopped by SIGTERM, SIGINT or SIGHUP or the API's `stop` (its threads
+//!   joined, files removed)
+//!
+//! `--restore DIR` restores a snapshot instead of booting (host paths — vsock socket, serial
+//! log, API socket — are given anew); `--api-socket PATH` serves the VMM API
+//! (`roost_vmm::api`: pause, resume, snapshot, stop) and turns on dirty logging for diff
+//! snapshots.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use roost_images::{ArtefactIndex, Cache};
+use roost_vmm::api::ApiListener;
 use roost_vmm::config::{DriveConfig, SeccompMode, SerialConfig, VsockDeviceConfig, vcpus_from};
-use roost_vmm::{VmConfig, VmExit};
+use roost_vmm::memory::snapshot::RestoreChoice;
+use roost_vmm::{BuiltVm, RestoreOptions, VmConfig, VmExit};
 use roost_worker::host_check::{Check, HostProbe, Status};
 
 /// Exit code: the guest shut down.
@@ -30,12 +38,26 @@ pub const EXIT_STOPPED: i32 = 5;
 const DEFAULT_KERNEL: &str = "kernel";
 const DEFAULT_ROOTFS: &str = "rootfs-base";
 
-/// Run a microVM in the foreground (this process is its VMM).
+/// Run a microVM in the foreground (this process is its VMM), booted or restored.
 ///
 /// Exit status: 0 the guest shut down, 1 the VM could not start, 2 usage error, 3 the guest
-/// kernel panicked, 4 the VM failed while running, 5 stopped by SIGTERM/SIGINT/SIGHUP.
+/// kernel panicked, 4 the VM failed while running, 5 stopped by SIGTERM/SIGINT/SIGHUP or the
+/// API's stop.
 #[derive(clap::Args, Debug)]
 pub struct VmRunArgs {
+    /// Restore the snapshot in DIR instead of booting (its vm.state, memory and disk files).
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "rootfs", "rootfs_ro", "cpus", "mem", "cmdline", "append", "vsock_cid",
+    ])]
+    pub restore: Option<PathBuf>,
+    /// How a restored VM's memory comes back: `map` maps the snapshot's memory file
+    /// MAP_PRIVATE (clones share its page cache).
+    #[arg(long, value_enum, default_value_t = MemoryBackendArg::Map, requires = "restore")]
+    pub memory_backend: MemoryBackendArg,
+    /// Serve the VMM API (pause, resume, snapshot, stop; line-delimited JSON) on this Unix
+    /// socket; also turns on KVM dirty logging so diff snapshots are possible.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Uncompressed ELF guest kernel [default: `kernel` from the artefact index].
     #[arg(long, value_name = "VMLINUX")]
     pub kernel: Option<PathBuf>,
@@ -73,6 +95,12 @@ pub struct VmRunArgs {
     /// What seccomp does with a syscall outside a thread's allowlist.
     #[arg(long, value_enum, default_value_t = SeccompArg::Enforce)]
     pub seccomp: SeccompArg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBackendArg {
+    /// Map the memory file MAP_PRIVATE.
+    Map,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -129,17 +157,54 @@ fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
         guest_cid: args.vsock_cid,
         uds_path: path.clone(),
     });
-    config.serial = SerialConfig {
+    config.serial = serial_config(args);
+    config.seccomp = seccomp_mode(args.seccomp);
+    config.validate()?;
+    Ok(config)
+}
+
+fn serial_config(args: &VmRunArgs) -> SerialConfig {
+    SerialConfig {
         log_path: args.serial_log.clone(),
         to_stdout: args.console || args.serial_log.is_none(),
-    };
-    config.seccomp = match args.seccomp {
+    }
+}
+
+fn seccomp_mode(arg: SeccompArg) -> SeccompMode {
+    match arg {
         SeccompArg::Enforce => SeccompMode::Enforce,
         SeccompArg::Log => SeccompMode::Log,
         SeccompArg::Off => SeccompMode::Off,
+    }
+}
+
+/// Restore settings from the command line (host paths given anew).
+fn restore_options(args: &VmRunArgs) -> RestoreOptions {
+    RestoreOptions {
+        memory: match args.memory_backend {
+            MemoryBackendArg::Map => RestoreChoice::Map,
+        },
+        vsock_uds: args.vsock_uds.clone(),
+        serial: serial_config(args),
+        seccomp: seccomp_mode(args.seccomp),
+        dirty_logging: args.api_socket.is_some(),
+    }
+}
+
+/// The VM to run: restored from `--restore DIR` or built from the configuration.
+fn build_or_restore(args: &VmRunArgs) -> anyhow::Result<BuiltVm> {
+    let Some(dir) = &args.restore else {
+        let config = config(args)?;
+        require_usable_kvm()?;
+        return roost_vmm::build_with(&config, args.api_socket.is_some())
+            .context("cannot build the VM");
     };
-    config.validate()?;
-    Ok(config)
+    // The state file is checked before KVM: a bad snapshot is refused the same everywhere.
+    let snapshot = roost_vmm::read_snapshot(dir)
+        .with_context(|| format!("cannot restore from {}", dir.display()))?;
+    require_usable_kvm()?;
+    roost_vmm::restore_from(snapshot, dir, &restore_options(args))
+        .with_context(|| format!("cannot restore the VM from {}", dir.display()))
 }
 
 /// Refuses to start on a /dev/kvm that cannot run guests, saying why and what to do.
@@ -175,16 +240,26 @@ pub fn exit_code(exit: &VmExit) -> i32 {
 }
 
 pub fn run(args: VmRunArgs) -> anyhow::Result<i32> {
-    let config = config(&args)?;
-    require_usable_kvm()?;
-    let vm = roost_vmm::build(&config).context("cannot build the VM")?;
-    tracing::info!(cmdline = vm.cmdline(), "booting");
+    let vm = build_or_restore(&args)?;
+    let api = args
+        .api_socket
+        .as_deref()
+        .map(ApiListener::bind)
+        .transpose()
+        .context("cannot serve the VMM API")?;
+    match &args.restore {
+        Some(dir) => tracing::info!(from = %dir.display(), "restoring"),
+        None => tracing::info!(cmdline = vm.cmdline(), "booting"),
+    }
     vm.stop_on_signals()
         .context("cannot install the stop-signal handler")?;
-    let exit = vm
+    let mut running = vm
         .start(roost_vmm::Privileges::Drop)
-        .context("cannot start the VM")?
-        .wait();
+        .context("cannot start the VM")?;
+    if let Some(api) = api {
+        running.serve_api(api).context("cannot serve the VMM API")?;
+    }
+    let exit = running.wait();
     eprintln!("roost vm: {exit}");
     Ok(exit_code(&exit))
 }

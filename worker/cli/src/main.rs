@@ -10,6 +10,7 @@ mod cmd_images;
 mod cmd_sandbox;
 mod cmd_serve;
 mod cmd_vm;
+mod cmd_vm_api;
 
 use std::process::ExitCode;
 
@@ -72,6 +73,8 @@ enum VmCommand {
     /// Boot a microVM in the foreground; this process is its VMM. Exit status: 0 shut down,
     /// 1 could not start, 3 guest kernel panic, 4 VM failure, 5 stopped by a signal.
     Run(cmd_vm::VmRunArgs),
+    /// Send one request to a running VMM's API socket (--api-socket) and print the reply.
+    Api(cmd_vm_api::VmApiArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Images(command) => cmd_images::run(command),
         Command::Hostvm(HostvmCommand::Run(args)) => cmd_hostvm::run(args),
         Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
+        Command::Vm(VmCommand::Api(args)) => cmd_vm_api::run(args),
         Command::Sandbox(SandboxCommand::Run(args)) => cmd_sandbox::run(args),
         Command::Serve(command) => cmd_serve::run_serve(command),
         Command::Control(command) => cmd_serve::run_control(command),

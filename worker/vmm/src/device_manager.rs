@@ -5,6 +5,13 @@
 //! Virtio layout: 4 KiB slots from 0xd000_0000 and GSIs from 5 (`layout`); one irqfd per device
 //! and one ioeventfd per queue on `QueueNotify` (datamatch = queue index), so neither interrupts
 //! nor queue kicks go through user space on the vCPU side.
+//!
+//! The manager keeps a typed handle of every device ([`DeviceHandles`]) so a running VM can
+//! save their state; saving and restoring the whole set is in [`persist`].
+
+mod persist;
+
+pub use persist::{DeviceManagerState, DeviceRestoreArgs, VirtioDeviceSnapshot, VirtioSlotState};
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -17,7 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::VmConfig;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{ConsoleSink, I8042, SerialDevice};
-use crate::devices::virtio::{self, MmioTransport, VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::{
+    self, Block, MmioTransport, Net, Rng, VirtioDevice, VirtioInterrupt, Vsock,
+};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::exit::{ExitCoordinator, ShutdownReason, VmExit};
 use crate::layout;
@@ -62,6 +71,77 @@ pub enum DeviceError {
     Cmdline(&'static str, #[source] linux_loader::cmdline::Error),
     #[error("could not set up the device event loop")]
     EventLoop(#[from] EventLoopError),
+    #[error("could not restore the {0} device")]
+    Restore(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+    #[error("the snapshot has a {0} device but no host path was given for it: {1}")]
+    MissingHostPath(&'static str, &'static str),
+}
+
+/// A virtio device with its concrete type (for saving its state).
+#[derive(Clone)]
+pub enum VirtioHandle {
+    Block(Arc<Mutex<Block>>),
+    Vsock(Arc<Mutex<Vsock>>),
+    Rng(Arc<Mutex<Rng>>),
+    Net(Arc<Mutex<Net>>),
+}
+
+impl VirtioHandle {
+    /// The device as its transport sees it.
+    pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        match self {
+            VirtioHandle::Block(d) => d.clone(),
+            VirtioHandle::Vsock(d) => d.clone(),
+            VirtioHandle::Rng(d) => d.clone(),
+            VirtioHandle::Net(d) => d.clone(),
+        }
+    }
+
+    /// The device as the event loop sees it.
+    pub fn subscriber(&self) -> Subscriber {
+        match self {
+            VirtioHandle::Block(d) => d.clone(),
+            VirtioHandle::Vsock(d) => d.clone(),
+            VirtioHandle::Rng(d) => d.clone(),
+            VirtioHandle::Net(d) => d.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for VirtioHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioHandle").finish_non_exhaustive()
+    }
+}
+
+/// One attached virtio device and its transport.
+#[derive(Clone, Debug)]
+pub struct VirtioSlot {
+    pub name: &'static str,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub device: VirtioHandle,
+}
+
+/// Typed handles of every device of a VM (shared with the buses and the event loop).
+#[derive(Clone, Default)]
+pub struct DeviceHandles {
+    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    pub i8042: Option<Arc<Mutex<I8042>>>,
+    pub virtio: Vec<VirtioSlot>,
+}
+
+impl std::fmt::Debug for DeviceHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHandles")
+            .field(
+                "virtio",
+                &self.virtio.iter().map(|s| s.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// The devices of one VM, before it runs.
@@ -69,6 +149,7 @@ pub struct DeviceManager {
     pub pio: Bus,
     pub mmio: Bus,
     pub event_loop: EventLoop,
+    pub handles: DeviceHandles,
     next_virtio_slot: usize,
 }
 
@@ -99,6 +180,7 @@ impl DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
             event_loop: EventLoop::new()?,
+            handles: DeviceHandles::default(),
             next_virtio_slot: 0,
         })
     }
@@ -111,35 +193,28 @@ impl DeviceManager {
         config: &VmConfig,
         exits: &Arc<ExitCoordinator>,
     ) -> Result<(), DeviceError> {
-        let log = match &config.serial.log_path {
-            Some(path) => Some(File::create(path).map_err(|source| DeviceError::SerialLog {
-                path: path.clone(),
-                source,
-            })?),
-            None => None,
-        };
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-        vm.fd()
-            .register_irqfd(&irq, layout::SERIAL_GSI)
-            .map_err(|source| DeviceError::Irqfd {
-                gsi: layout::SERIAL_GSI,
-                source,
-            })?;
-        let sink = ConsoleSink::new(log, config.serial.to_stdout, exits.clone());
+        let (irq, sink) = serial_host_side(vm, &config.serial, exits)?;
+        let serial = SerialDevice::new(irq, sink);
+        let i8042 = I8042::new(i8042_reset(exits));
+        self.place_legacy(serial, i8042)
+    }
+
+    /// Puts the serial port and the i8042 on the port-I/O bus.
+    fn place_legacy(&mut self, serial: SerialDevice, i8042: I8042) -> Result<(), DeviceError> {
+        let serial = Arc::new(Mutex::new(serial));
         self.pio.insert(
-            Arc::new(Mutex::new(SerialDevice::new(irq, sink))),
+            serial.clone(),
             layout::SERIAL_PORT_BASE,
             layout::SERIAL_PORT_LEN,
         )?;
-        let reset_exits = exits.clone();
-        let i8042 = I8042::new(Box::new(move || {
-            reset_exits.request(VmExit::Shutdown(ShutdownReason::KeyboardReset));
-        }));
+        let i8042 = Arc::new(Mutex::new(i8042));
         self.pio.insert(
-            Arc::new(Mutex::new(i8042)),
+            i8042.clone(),
             layout::I8042_PORT_BASE,
             layout::I8042_PORT_LEN,
         )?;
+        self.handles.serial = Some(serial);
+        self.handles.i8042 = Some(i8042);
         Ok(())
     }
 
@@ -157,7 +232,7 @@ impl DeviceManager {
                 read_only: drive.read_only,
             })
             .map_err(|e| DeviceError::Create("block", Box::new(e)))?;
-            self.attach_virtio(vm, memory, cmdline, "block", block.clone(), block)?;
+            self.attach_virtio(vm, memory, cmdline, "block", VirtioHandle::Block(block))?;
         }
         if let Some(vsock) = &config.vsock {
             let vsock = virtio::vsock(virtio::VsockConfig {
@@ -165,34 +240,59 @@ impl DeviceManager {
                 uds_path: vsock.uds_path.clone(),
             })
             .map_err(|e| DeviceError::Create("vsock", Box::new(e)))?;
-            self.attach_virtio(vm, memory, cmdline, "vsock", vsock.clone(), vsock)?;
+            self.attach_virtio(vm, memory, cmdline, "vsock", VirtioHandle::Vsock(vsock))?;
+        }
+        if let Some(net) = &config.net {
+            let net = virtio::net(virtio::net::NetConfig {
+                tap: (&net.tap).into(),
+                mac: net.mac,
+            })
+            .map_err(|e| DeviceError::Create("net", Box::new(e)))?;
+            self.attach_virtio(vm, memory, cmdline, "net", VirtioHandle::Net(net))?;
         }
         if config.rng {
             let rng = virtio::rng().map_err(|e| DeviceError::Create("rng", Box::new(e)))?;
-            self.attach_virtio(vm, memory, cmdline, "rng", rng.clone(), rng)?;
+            self.attach_virtio(vm, memory, cmdline, "rng", VirtioHandle::Rng(rng))?;
         }
         Ok(())
     }
 
-    /// One virtio device in the next slot.
+    /// One virtio device in the next slot, named on the kernel command line.
     pub fn attach_virtio(
         &mut self,
         vm: &Vm,
         memory: &GuestMemoryMmap,
         cmdline: &mut Cmdline,
         name: &'static str,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        subscriber: Subscriber,
+        handle: VirtioHandle,
     ) -> Result<(), DeviceError> {
+        let device = handle.device();
+        let (base, gsi) = self.place_virtio(vm, name, handle, |interrupt| {
+            MmioTransport::new(memory.clone(), device, interrupt)
+                .map_err(|e| DeviceError::Create(name, Box::new(e)))
+        })?;
+        cmdline
+            .add_virtio_mmio_device(layout::VIRTIO_MMIO_SLOT_SIZE, GuestAddress(base), gsi, None)
+            .map_err(|e| DeviceError::Cmdline(name, e))?;
+        Ok(())
+    }
+
+    /// Wires the next slot (irqfd, one ioeventfd per queue, MMIO window, event loop) around the
+    /// transport `make_transport` builds for the slot's interrupt; returns (base, GSI).
+    fn place_virtio(
+        &mut self,
+        vm: &Vm,
+        name: &'static str,
+        handle: VirtioHandle,
+        make_transport: impl FnOnce(Arc<VirtioInterrupt>) -> Result<MmioTransport, DeviceError>,
+    ) -> Result<(u64, u32), DeviceError> {
         let index = self.next_virtio_slot;
         let (base, gsi) = virtio_slot(index).ok_or(DeviceError::TooManyDevices(index))?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.fd()
             .register_irqfd(&irq, gsi)
             .map_err(|source| DeviceError::Irqfd { gsi, source })?;
-        let interrupt = Arc::new(VirtioInterrupt::new(irq));
-        let transport = MmioTransport::new(memory.clone(), device, interrupt)
-            .map_err(|e| DeviceError::Create(name, Box::new(e)))?;
+        let transport = make_transport(Arc::new(VirtioInterrupt::new(irq)))?;
         let notify = base + VIRTIO_MMIO_QUEUE_NOTIFY;
         for (queue, evt) in (0u32..).zip(transport.queue_events()) {
             vm.fd()
@@ -202,15 +302,15 @@ impl DeviceManager {
                     source,
                 })?;
         }
-        self.mmio.insert(
-            Arc::new(Mutex::new(transport)),
-            base,
-            layout::VIRTIO_MMIO_SLOT_SIZE,
-        )?;
-        cmdline
-            .add_virtio_mmio_device(layout::VIRTIO_MMIO_SLOT_SIZE, GuestAddress(base), gsi, None)
-            .map_err(|e| DeviceError::Cmdline(name, e))?;
-        self.event_loop.add(subscriber);
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, layout::VIRTIO_MMIO_SLOT_SIZE)?;
+        self.event_loop.add(handle.subscriber());
+        self.handles.virtio.push(VirtioSlot {
+            name,
+            transport,
+            device: handle,
+        });
         self.next_virtio_slot += 1;
         tracing::debug!(
             name,
@@ -218,8 +318,37 @@ impl DeviceManager {
             gsi,
             "virtio device attached"
         );
-        Ok(())
+        Ok((base, gsi))
     }
+}
+
+/// The serial console's interrupt (registered as irqfd on GSI 4) and output sink.
+fn serial_host_side(
+    vm: &Vm,
+    serial: &crate::config::SerialConfig,
+    exits: &Arc<ExitCoordinator>,
+) -> Result<(EventFd, ConsoleSink), DeviceError> {
+    let log = match &serial.log_path {
+        Some(path) => Some(File::create(path).map_err(|source| DeviceError::SerialLog {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+    vm.fd()
+        .register_irqfd(&irq, layout::SERIAL_GSI)
+        .map_err(|source| DeviceError::Irqfd {
+            gsi: layout::SERIAL_GSI,
+            source,
+        })?;
+    Ok((irq, ConsoleSink::new(log, serial.to_stdout, exits.clone())))
+}
+
+/// What a guest reset through the i8042 does: end the VM cleanly.
+fn i8042_reset(exits: &Arc<ExitCoordinator>) -> Box<dyn FnMut() + Send> {
+    let exits = exits.clone();
+    Box::new(move || exits.request(VmExit::Shutdown(ShutdownReason::KeyboardReset)))
 }
 
 #[cfg(test)]

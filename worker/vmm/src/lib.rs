@@ -3,6 +3,7 @@
 //!
 //! This is a synchronous library: it never sees HTTP or an async runtime; the worker drives it.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
@@ -21,5 +22,8 @@ pub mod vm;
 pub mod vmm;
 pub use config::VmConfig;
 pub use exit::{ShutdownReason, VmExit};
-pub use vmm::{BuiltVm, Privileges, RunningVm, VmmError, build, run};
+pub use vmm::{
+    BuiltVm, Privileges, RestoreOptions, RunningVm, VmController, VmmError, build, build_with,
+    read_snapshot, restore, restore_from, run,
+};
 pub mod state;

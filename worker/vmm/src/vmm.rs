@@ -5,14 +5,21 @@
 //! structures and vCPUs. [`BuiltVm::start`] then drops privileges, spawns the device thread and
 //! one thread per vCPU (each under its seccomp filter). [`RunningVm::wait`] returns how the VM
 //! ended after every thread has been joined; dropping it releases every fd and mapping.
+//!
+//! [`restore`] builds a [`BuiltVm`] from a snapshot directory instead of a kernel; the
+//! running VM's [`VmController`] pauses, resumes and snapshots it (the API socket uses it).
+
+mod control;
+mod restore;
+
+pub use control::{ControlError, SnapshotMode, SnapshotSummary, VmController};
+pub use restore::{RestoreOptions, read_snapshot, restore, restore_from};
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{mptable, regs};
 use crate::boot::{self, BootError};
@@ -21,17 +28,18 @@ use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoopError, RunningEventLoop};
 use crate::exit::{ExitCoordinator, PanicGuard, VmExit};
 use crate::layout;
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, GuestRam, MemoryBackend, MemoryError};
 use crate::privileges::{self, PrivilegeError};
 use crate::seccomp::{self, SeccompError, ThreadKind};
-use crate::state::{MachineState, StateError, VmState};
+use crate::snapshot::file::ReadError;
+use crate::state::MachineState;
 use crate::vcpu::{self, RunControl, RunState, Vcpu, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
 
 /// How long pausing (or saving) may take before it is reported as failed.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
-const KICK_INTERVAL: Duration = Duration::from_millis(2);
+pub(crate) const KICK_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Why a VM could not be built or started.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +68,18 @@ pub enum VmmError {
     Privileges(#[from] PrivilegeError),
     #[error("could not spawn the thread of vCPU {0}")]
     SpawnVcpu(u8, #[source] std::io::Error),
+    #[error("could not read the snapshot")]
+    ReadSnapshot(#[from] ReadError),
+    #[error("could not restore the VM's interrupt controllers, PIT and clock")]
+    RestoreVmState(#[source] crate::state::RestoreError),
+    #[error("the snapshot is inconsistent: {0}")]
+    BadSnapshot(String),
 }
 
 /// A VM that is fully set up and has not run yet.
 pub struct BuiltVm {
     vm: Vm,
-    memory: GuestMemoryMmap,
+    ram: GuestRam,
     vcpus: Vec<Vcpu>,
     devices: DeviceManager,
     exits: Arc<ExitCoordinator>,
@@ -83,14 +97,20 @@ impl std::fmt::Debug for BuiltVm {
     }
 }
 
-/// Builds a VM; nothing runs yet.
+/// Builds a VM; nothing runs yet. Guest memory has no dirty logging (see [`build_with`]).
 pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
+    build_with(config, false)
+}
+
+/// Builds a VM; with `dirty_logging`, KVM logs guest writes so diff snapshots are possible.
+pub fn build_with(config: &VmConfig, dirty_logging: bool) -> Result<BuiltVm, VmmError> {
     let started = Instant::now();
     config.validate()?;
     single_malloc_arena();
     let vm = Vm::new()?;
-    let memory = memory::create_anonymous(config.mem_bytes())?;
-    vm.register_memory(&memory)?;
+    let ram = memory::create(config.mem_bytes(), &MemoryBackend::Anonymous)?;
+    vm.register_memory_with(ram.memory(), dirty_logging)?;
+    let memory = ram.memory();
     let exits = Arc::new(ExitCoordinator::new());
 
     let mut devices = DeviceManager::new()?;
@@ -113,12 +133,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
     let before_kernel = started.elapsed();
     let entry = boot::load_kernel(&memory, &mut kernel)?;
     let before_vcpus = started.elapsed();
-    let msr_indices = vm
-        .kvm()
-        .get_msr_index_list()
-        .map_err(VmError::MsrIndexList)?
-        .as_slice()
-        .to_vec();
+    let msr_indices = msr_indices(&vm)?;
     let vcpus = (0..config.vcpus)
         .map(|index| Vcpu::new(vm.fd(), vm.supported_cpuid(), index, config.vcpus, entry))
         .collect::<Result<Vec<_>, _>>()?;
@@ -130,7 +145,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
     );
     Ok(BuiltVm {
         vm,
-        memory,
+        ram,
         vcpus,
         devices,
         exits,
@@ -138,6 +153,16 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, VmmError> {
         cmdline: cmdline_text,
         msr_indices,
     })
+}
+
+/// KVM's list of MSRs to save.
+fn msr_indices(vm: &Vm) -> Result<Vec<u32>, VmmError> {
+    Ok(vm
+        .kvm()
+        .get_msr_index_list()
+        .map_err(VmError::MsrIndexList)?
+        .as_slice()
+        .to_vec())
 }
 
 /// Whether [`BuiltVm::start`] drops the process's privileges.
@@ -177,20 +202,25 @@ impl BuiltVm {
             control: control.clone(),
             msr_indices: Arc::new(self.msr_indices),
         };
+        let vm = Arc::new(self.vm);
+        let ram = Arc::new(self.ram);
         let mut running = RunningVm {
             vcpu_threads: Vec::with_capacity(self.vcpus.len()),
             event_loop: None,
             control,
             exits: self.exits.clone(),
             started: Instant::now(),
-            _memory: self.memory,
-            _vm: self.vm,
+            controller: None,
+            api: None,
+            _ram: ram.clone(),
+            _vm: vm.clone(),
         };
-        running.event_loop = Some(
-            self.devices
-                .event_loop
-                .spawn(device_filter, self.exits.clone())?,
-        );
+        let event_loop = self
+            .devices
+            .event_loop
+            .spawn(device_filter, self.exits.clone())?;
+        let device_pause = event_loop.pauser();
+        running.event_loop = Some(event_loop);
         for vcpu in self.vcpus {
             let index = vcpu.index();
             let shared = shared.clone();
@@ -218,6 +248,20 @@ impl BuiltVm {
                 }
             }
         }
+        running.controller = Some(Arc::new(VmController::new(control::Parts {
+            control: running.control.clone(),
+            threads: running
+                .vcpu_threads
+                .iter()
+                .map(|t| t.as_pthread_t())
+                .collect(),
+            exits: running.exits.clone(),
+            vm,
+            ram,
+            devices: self.devices.handles,
+            device_pause,
+            config: self.config,
+        })));
         Ok(running)
     }
 }
@@ -230,11 +274,36 @@ pub struct RunningVm {
     control: Arc<RunControl>,
     exits: Arc<ExitCoordinator>,
     started: Instant,
-    _memory: GuestMemoryMmap,
-    _vm: Vm,
+    /// Pause/resume/snapshot; `None` only while starting.
+    controller: Option<Arc<VmController>>,
+    /// The API socket's thread, if serving.
+    api: Option<crate::api::ApiServer>,
+    _ram: Arc<GuestRam>,
+    _vm: Arc<Vm>,
 }
 
 impl RunningVm {
+    /// Pauses, resumes and snapshots this VM from any thread.
+    pub fn controller(&self) -> Arc<VmController> {
+        match &self.controller {
+            Some(c) => c.clone(),
+            None => unreachable!("start() sets the controller before returning the VM"),
+        }
+    }
+
+    /// Serves the VMM API on `listener` (see [`crate::api`]) until the VM ends.
+    pub fn serve_api(&mut self, listener: crate::api::ApiListener) -> Result<(), VmmError> {
+        let filter = seccomp::compile(ThreadKind::Api, self.config_seccomp())?;
+        let server = crate::api::ApiServer::spawn(listener, self.controller(), filter)
+            .map_err(|e| VmmError::SpawnVcpu(u8::MAX, e))?;
+        self.api = Some(server);
+        Ok(())
+    }
+
+    fn config_seccomp(&self) -> crate::config::SeccompMode {
+        self.controller().config().seccomp
+    }
+
     /// Blocks until the VM ends, stops every thread and says how it ended.
     pub fn wait(mut self) -> VmExit {
         let exit = self.exits.wait();
@@ -248,32 +317,22 @@ impl RunningVm {
         self.exits.clone()
     }
 
-    /// Pauses every vCPU: they leave `KVM_RUN` and park. Returns once all are parked.
-    pub fn pause(&self) -> Result<(), StateError> {
-        self.control.set(RunState::Paused);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        while self.control.parked() < self.live_vcpus() {
-            if Instant::now() > deadline {
-                return Err(StateError::PauseTimeout(PAUSE_TIMEOUT));
-            }
-            self.kick_all();
-            std::thread::sleep(KICK_INTERVAL);
-        }
-        Ok(())
+    /// Pauses every vCPU and the device thread. Returns once all are parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.controller().pause()
     }
 
     /// Pauses the VM (if it is not already) and reads every vCPU's and the VM's KVM state. The
     /// VM stays paused: call [`RunningVm::resume`] to go on.
-    pub fn save_state(&self) -> Result<MachineState, StateError> {
-        self.pause()?;
-        let vcpus = self.control.collect_states(PAUSE_TIMEOUT)?;
-        let vm = VmState::save(self._vm.fd())?;
-        Ok(MachineState { vcpus, vm })
+    pub fn save_state(&self) -> Result<MachineState, ControlError> {
+        let controller = self.controller();
+        controller.pause()?;
+        controller.save_machine()
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets the paused VM run again.
     pub fn resume(&self) {
-        self.control.set(RunState::Running);
+        self.controller().resume();
     }
 
     fn live_vcpus(&self) -> usize {
@@ -292,6 +351,13 @@ impl RunningVm {
     }
 
     fn shutdown(&mut self) {
+        // The API thread kicks vCPU threads: it must be gone before they are joined.
+        if let Some(mut api) = self.api.take() {
+            api.stop();
+        }
+        if let Some(controller) = &self.controller {
+            controller.release_devices();
+        }
         self.control.set(RunState::Stopping);
         while self.live_vcpus() > 0 {
             self.kick_all();

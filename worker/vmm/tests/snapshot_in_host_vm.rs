@@ -1,0 +1,221 @@
+//! Snapshot and restore of a running guest on real KVM (inside the host VM), through the
+//! `roost vm run` CLI and its API socket: a guest process counts in memory and appends each
+//! value to a file; the VM is snapshotted (full, then diffs chained on it), the VMM killed, and
+//! a new VMM process restored from the snapshot — many times. After every restore the agent
+//! must answer an exec over vsock (old connections were reset) and the count must have gone
+//! on: the file holds 1, 2, 3, … with no gap and no restart. Also: a page the guest zeroed
+//! comes back zero, truncated / corrupted / future-version state files are refused with a
+//! message naming the problem, the API's stop ends the VMM with exit 5, and nothing (process,
+//! socket) is left over.
+//!
+//! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p
+//! roost-agent-client`) and the `kernel` and `rootfs-base` artefacts (`roost images build`).
+
+use std::time::Duration;
+
+use roost_hostvm::HostVm;
+use roost_hostvm::script::ScriptRun;
+
+/// Restore cycles after the first full snapshot (the issue asks for 20).
+const CYCLES: u32 = 20;
+
+const SCRIPT: &str = r#"
+result() { echo "RESULT $1 $2"; }
+S=/tmp/snap
+mkdir -p $S
+CTL="timeout 120 roost-agent-ctl --vsock-uds /tmp/vm.sock"
+API="timeout 300 roost vm api /tmp/api.sock"
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+# Until the agent answers an exec (after a restore its vsock connections were reset).
+wait_agent() {
+  i=0; until $CTL exec -- true > /dev/null 2>&1; do i=$((i+1)); [ $i -lt 120 ] || return 1; usleep 250000; done
+}
+roost_procs() {
+  for d in /proc/[0-9]*; do
+    c=$(tr '\0' ' ' < $d/cmdline 2>/dev/null)
+    case "$c" in *"roost vm run"*) echo "${d#/proc/} $c";; esac
+  done
+}
+# Checks /tmp/log in the guest: prints "ok N" when it holds 1..N, else where it breaks.
+check_log() {
+  $CTL exec -- sh -c 'awk "NR != \$1 { print \"broken at line \" NR \": \" \$1; bad = 1; exit } END { if (!bad) print \"ok \" NR }" /tmp/log'
+}
+
+roost-agent-ctl wait-ready --vsock-uds /tmp/vm.sock --timeout 300 > /dev/null 2>/tmp/wait.err &
+W=$!
+roost vm run --rootfs-ro --mem 256 --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-boot.log \
+    --api-socket /tmp/api.sock 2>/tmp/vmm-boot.err &
+V=$!
+wait $W
+result ready $?
+$CTL exec -- sh -c 'setsid sh -c "i=0; while :; do i=\$((i+1)); echo \$i >> /tmp/log; sleep 0.05; done" < /dev/null > /dev/null 2>&1 &'
+result counter-started $?
+sleep 2
+$API '{"op":"status"}' > /tmp/status.out
+result status "$(cat /tmp/status.out)"
+$API '{"op":"pause"}' > /dev/null
+result pause $?
+$API '{"op":"resume"}' > /dev/null
+result resume $?
+T0=$(now_ms)
+$API '{"op":"snapshot","dir":"/tmp/snap/0","kind":"full"}' > /tmp/snap0.out 2>/tmp/snap0.err
+result snap0 $?
+echo "TIMING full-snapshot $(( $(now_ms) - T0 )) ms $(cat /tmp/snap0.out)"
+kill -9 $V; wait $V 2>/dev/null
+
+PREV=/tmp/snap/0
+CYCLE=0
+FAILED=""
+LAST_N=0
+while [ $CYCLE -lt __CYCLES__ ]; do
+  CYCLE=$((CYCLE+1))
+  T0=$(now_ms)
+  roost vm run --restore $PREV --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-$CYCLE.log \
+      --api-socket /tmp/api.sock 2>/tmp/vmm-$CYCLE.err &
+  V=$!
+  if ! wait_agent; then FAILED="$FAILED agent@$CYCLE"; kill -9 $V; wait $V; break; fi
+  echo "TIMING restore-to-exec cycle $CYCLE $(( $(now_ms) - T0 )) ms"
+  LOG=$(check_log)
+  case "$LOG" in
+    "ok "*) N=${LOG#ok }; [ "$N" -gt "$LAST_N" ] || FAILED="$FAILED stalled@$CYCLE($N)"; LAST_N=$N;;
+    *) FAILED="$FAILED log@$CYCLE($LOG)";;
+  esac
+  case $CYCLE in
+    5) $CTL exec -- sh -c 'head -c 4194304 /dev/urandom > /tmp/z' ;;
+    6) $CTL exec -- sh -c 'dd if=/dev/zero of=/tmp/z bs=1048576 count=4 conv=notrunc 2>/dev/null' ;;
+    7) result zero-page "$($CTL exec -- sha256sum /tmp/z | cut -d' ' -f1)" ;;
+  esac
+  sleep 1
+  NEXT=/tmp/snap/$CYCLE
+  T0=$(now_ms)
+  $API "{\"op\":\"snapshot\",\"dir\":\"$NEXT\",\"kind\":\"diff\",\"parent\":\"$PREV\"}" > /tmp/snap.out 2>&1 \
+    || FAILED="$FAILED snapshot@$CYCLE($(cat /tmp/snap.out))"
+  echo "TIMING diff-snapshot cycle $CYCLE $(( $(now_ms) - T0 )) ms $(cat /tmp/snap.out)"
+  kill -9 $V; wait $V 2>/dev/null
+  PREV=$NEXT
+done
+result cycles $CYCLE
+result cycle-failures "${FAILED:-none}"
+result zeros "$(head -c 4194304 /dev/zero | sha256sum | cut -d' ' -f1)"
+
+# The last snapshot once more: counted on, then stopped through the API.
+roost vm run --restore $PREV --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-last.log \
+    --api-socket /tmp/api.sock 2>/tmp/vmm-last.err &
+V=$!
+wait_agent
+result last-agent $?
+LOG=$(check_log)
+result last-log "${LOG%% *}"
+N=${LOG#ok }
+[ "$N" -gt "$LAST_N" ] 2>/dev/null && result counted-on yes || result counted-on "no ($LOG after $LAST_N)"
+$API '{"op":"snapshot","dir":"relative/dir","kind":"full"}' > /tmp/relative.out
+result relative $?
+$API '{"op":"snapshot","dir":"/tmp/snap/x","kind":"diff"}' > /tmp/noparent.out
+result noparent $?
+$API '{"op":"stop"}' > /dev/null
+result stop $?
+wait $V
+result stop-exit $?
+
+# Bad state files are refused before anything runs, each with its own message.
+mkdir -p /tmp/bad1 /tmp/bad2 /tmp/bad3
+for d in /tmp/bad1 /tmp/bad2 /tmp/bad3; do cp -a /tmp/snap/0/. $d/; done
+SIZE=$(wc -c < /tmp/bad1/vm.state)
+head -c $((SIZE / 2)) /tmp/snap/0/vm.state > /tmp/bad1/vm.state
+printf 'X' | dd of=/tmp/bad2/vm.state bs=1 seek=$((SIZE - 10)) conv=notrunc 2>/dev/null
+printf '\002' | dd of=/tmp/bad3/vm.state bs=1 seek=8 conv=notrunc 2>/dev/null
+for b in 1 2 3; do
+  roost vm run --restore /tmp/bad$b --vsock-uds /tmp/vm.sock > /dev/null 2>/tmp/bad$b.err
+  result bad$b $?
+done
+
+sleep 1
+result leftover-procs "$(roost_procs | wc -l)"
+roost_procs | sed 's/^/PROC /'
+result leftover-sockets "$(ls /tmp/api.sock /tmp/vm.sock 2>/dev/null | wc -l)"
+for f in /tmp/*.err /tmp/*.out; do sed "s|^|OUT $(basename $f): |" "$f"; done
+tail -n 5 /tmp/vm-1.log | sed 's/^/CONSOLE1 /'
+dmesg | grep -E "audit.*syscall=" | sed 's/.*comm=/SECCOMP comm=/; s/ ip=.*//' | sort | uniq -c
+"#;
+
+#[test]
+fn snapshot_restore_cycles_in_host_vm() {
+    let script = SCRIPT.replace("__CYCLES__", &CYCLES.to_string());
+    let run = ScriptRun::run(
+        HostVm::builder()
+            .timeout(Duration::from_secs(1800))
+            .mem_mib(4096),
+        &script,
+        &["kernel", "rootfs-base"],
+    )
+    .unwrap_or_else(|e| {
+        panic!("host VM run (needs release binaries: cargo build --release -p roost -p roost-agent-client): {e:#?}")
+    });
+    let all = run.transcript();
+    let get = |key: &str| run.expect_result(key);
+    let out = |name: &str| run.lines_after(&format!("OUT {name}: "));
+
+    assert_eq!(
+        get("ready"),
+        "0",
+        "the booted agent announced itself; {all}"
+    );
+    assert_eq!(get("counter-started"), "0", "{all}");
+    assert_eq!(get("status"), r#"{"ok":true,"state":"running"}"#, "{all}");
+    assert_eq!(get("pause"), "0", "{all}");
+    assert_eq!(get("resume"), "0", "{all}");
+    assert_eq!(get("snap0"), "0", "full snapshot through the API; {all}");
+    assert_eq!(get("cycles"), CYCLES.to_string(), "every cycle ran; {all}");
+    assert_eq!(
+        get("cycle-failures"),
+        "none",
+        "after every restore the agent answered and the count went on 1, 2, 3, …; {all}"
+    );
+    assert_eq!(
+        get("zero-page"),
+        get("zeros"),
+        "a page the guest zeroed came back zero; {all}"
+    );
+    assert_eq!(get("last-agent"), "0", "{all}");
+    assert_eq!(get("last-log"), "ok", "{all}");
+    assert_eq!(get("counted-on"), "yes", "{all}");
+    assert_eq!(get("relative"), "1", "{all}");
+    assert!(
+        out("relative.out").contains("must be an absolute path"),
+        "{all}"
+    );
+    assert_eq!(get("noparent"), "1", "{all}");
+    assert!(
+        out("noparent.out").contains("needs \\\"parent\\\""),
+        "{all}"
+    );
+    assert_eq!(get("stop"), "0", "{all}");
+    assert_eq!(
+        get("stop-exit"),
+        "5",
+        "stop ends the VMM as SIGTERM does; {all}"
+    );
+
+    for (n, what) in [
+        (1, "is truncated"),
+        (2, "is corrupted"),
+        (3, "format version 2"),
+    ] {
+        assert_eq!(
+            get(&format!("bad{n}")),
+            "1",
+            "bad state file {n} refused; {all}"
+        );
+        assert!(
+            out(&format!("bad{n}.err")).contains(what),
+            "bad state file {n}: message says `{what}`; {all}"
+        );
+    }
+    assert_eq!(get("leftover-procs"), "0", "no VMM left running; {all}");
+    assert_eq!(
+        get("leftover-sockets"),
+        "0",
+        "API and vsock sockets removed; {all}"
+    );
+    assert_eq!(run.exit_code, 0, "{all}");
+}
