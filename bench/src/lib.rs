@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod gateway;
 pub mod guest_boot;
 pub mod hostvm;
 pub mod stats;

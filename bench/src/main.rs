@@ -38,6 +38,34 @@ enum Scenario {
     /// or over the QUIC channel): `POST /v2/sandboxes` latency and `GET /v2/sandboxes`
     /// requests/s, on SQLite and PostgreSQL.
     Control(ControlArgs),
+    /// The same HTTP backend on loopback reached directly, through nginx as a reverse proxy and
+    /// through the Roost gateway + QUIC tunnel: requests/s and p50/p99 latency of each.
+    Gateway(GatewayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GatewayArgs {
+    /// Concurrent keep-alive client connections.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    connections: u32,
+    /// Seconds each target is loaded per round.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=600))]
+    round_secs: u64,
+    /// Interleaved rounds (direct, nginx, gateway each once per round).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Gateway worker threads and nginx worker processes.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: u32,
+    /// Bytes in each response body.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=16_777_216))]
+    body_bytes: u32,
+    /// The nginx binary (Debian package `nginx`).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: std::path::PathBuf,
+    /// Print only the JSON report on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -175,6 +203,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Boot(args) => boot(args),
         Scenario::Agent(args) => agent(args),
         Scenario::Control(args) => control(args),
+        Scenario::Gateway(args) => gateway(args),
     }
 }
 
@@ -400,6 +429,58 @@ fn control(args: ControlArgs) -> anyhow::Result<()> {
         }
     }
     let report = serde_json::json!({ "scenario": "control", "engines": reports });
+    println!("{report}");
+    Ok(())
+}
+
+fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let bench = roost_bench::gateway::GatewayBench {
+        connections: usize::try_from(args.connections)?,
+        round: Duration::from_secs(args.round_secs),
+        rounds: args.rounds,
+        threads: usize::try_from(args.threads)?,
+        body_bytes: usize::try_from(args.body_bytes)?,
+        nginx: args.nginx,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let r = runtime.block_on(bench.run())?;
+    let rps_ratio = r.gateway.rps / r.nginx.rps;
+    let p50_ratio = r.gateway.p50_ms / r.nginx.p50_ms;
+    if !args.json {
+        for (name, f) in [
+            ("direct", &r.direct),
+            ("nginx", &r.nginx),
+            ("gateway", &r.gateway),
+        ] {
+            eprintln!(
+                "{name:>8}: {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  ({} requests)",
+                f.rps, f.p50_ms, f.p99_ms, f.requests
+            );
+        }
+        eprintln!("gateway/nginx: {rps_ratio:.2}x requests/s, {p50_ratio:.2}x p50");
+    }
+    let report = serde_json::json!({
+        "scenario": "gateway",
+        "gateway_rps": r.gateway.rps,
+        "gateway_p50_ms": r.gateway.p50_ms,
+        "gateway_p99_ms": r.gateway.p99_ms,
+        "nginx_rps": r.nginx.rps,
+        "nginx_p50_ms": r.nginx.p50_ms,
+        "nginx_p99_ms": r.nginx.p99_ms,
+        "direct_rps": r.direct.rps,
+        "direct_p50_ms": r.direct.p50_ms,
+        "direct_p99_ms": r.direct.p99_ms,
+        "gateway_over_nginx_rps": rps_ratio,
+        "gateway_over_nginx_p50": p50_ratio,
+        "connections": r.connections,
+        "rounds": r.rounds,
+        "round_secs": r.round_secs,
+        "threads": r.threads,
+        "body_bytes": r.body_bytes,
+    });
     println!("{report}");
     Ok(())
 }

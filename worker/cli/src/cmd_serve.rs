@@ -16,6 +16,8 @@ use roost_control::server::{self, AdminOutcome, Server, ServerConfig};
 pub enum ServeCommand {
     /// Run the control service: REST API (native /v1 and E2B), worker channel (QUIC), reaper.
     Control(ServeControlArgs),
+    /// Run the gateway: TLS/HTTP edge proxy to control and sandbox ports (worker tunnels).
+    Gateway(crate::cmd_gateway::ServeGatewayArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,7 +87,7 @@ pub struct AdminCreateArgs {
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
-fn parse_duration(raw: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (digits, unit) = raw.split_at(split);
@@ -100,7 +102,7 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     }
 }
 
-fn data_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn data_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = arg {
         return Ok(dir);
     }
@@ -123,6 +125,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run_serve(command: ServeCommand) -> Result<i32> {
     match command {
         ServeCommand::Control(args) => runtime()?.block_on(serve_control(args)),
+        ServeCommand::Gateway(args) => crate::cmd_gateway::run(args),
     }
 }
 

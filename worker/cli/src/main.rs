@@ -5,6 +5,7 @@
 
 mod cmd_certs;
 mod cmd_doctor;
+mod cmd_gateway;
 mod cmd_hostvm;
 mod cmd_images;
 mod cmd_sandbox;
