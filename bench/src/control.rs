@@ -406,6 +406,7 @@ impl Handler for BenchWorker {
             Operation::Metrics { .. } => Outcome::Metrics {
                 samples: Vec::new(),
             },
+            Operation::DeleteTemplate { .. } => Outcome::TemplateDeleted,
         })
     }
 

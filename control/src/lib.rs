@@ -9,6 +9,7 @@
 //! - [`pki`] and [`workers`]: the worker CA, registration certificates and the QUIC control
 //!   channel (sessions, heartbeats, reconciliation, lost hosts);
 //! - [`ratelimit`]: per-key and per-team request budgets;
+//! - [`route_events`]: sandbox route changes published on Redis for gateways;
 //! - [`api`]: the HTTP surface (native `/v1` and E2B-compatible routes, OpenAPI document);
 //! - [`server`]: all of the above assembled into one running service (`roost serve control`).
 
@@ -18,6 +19,7 @@ pub mod lifecycle;
 pub mod pki;
 pub mod placement;
 pub mod ratelimit;
+pub mod route_events;
 pub mod server;
 pub mod store;
 pub mod workers;

@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
 
+use crate::api::internal::InternalToken;
 use crate::api::v1::workers::WorkerRegistration;
 use crate::api::{self, AppState, Config};
 use crate::auth::password::{self, HashCost};
 use crate::lifecycle::{Sandboxes, reaper};
 use crate::pki::{ControlCa, PkiError};
 use crate::ratelimit::shared::{SharedError, SharedWindows};
+use crate::route_events::RoutePublisher;
 use crate::store::{ConnectError, Db, StoreError, audit, users};
 use crate::workers::{ChannelConfig, ChannelError, WorkerChannel};
 
@@ -62,6 +63,8 @@ pub struct ServerConfig {
     pub session_secret_file: Option<PathBuf>,
     /// How often the reaper enforces sandbox timeouts.
     pub reaper_interval: Duration,
+    /// The gateway's token for the internal API (hash only); `None` disables it.
+    pub internal_token: Option<InternalToken>,
 }
 
 impl ServerConfig {
@@ -79,6 +82,7 @@ impl ServerConfig {
             host_lost_after: channel.lost_after,
             session_secret_file: None,
             reaper_interval: Duration::from_secs(5),
+            internal_token: None,
         }
     }
 }
@@ -155,6 +159,8 @@ pub struct Server {
     state: AppState,
     db: Db,
     reaper_interval: Duration,
+    /// Publishes route changes on Redis, when Redis is configured.
+    publisher: Option<RoutePublisher>,
 }
 
 impl std::fmt::Debug for Server {
@@ -258,24 +264,6 @@ fn load_or_create_secret(path: &Path, create: bool) -> Result<Vec<u8>, ServerErr
     Ok(secret)
 }
 
-/// `GET /health`: 200 when the database answers, 503 otherwise.
-async fn health(db: Db) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
-    use axum::http::StatusCode;
-    match sqlx::query("SELECT 1").execute(db.pool()).await {
-        Ok(_) => (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ok"})),
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "health check: database unavailable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(serde_json::json!({"code": 503, "message": "database unavailable"})),
-            )
-        }
-    }
-}
-
 impl Server {
     /// Checks the configuration and binds the API and the worker channel.
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
@@ -331,14 +319,22 @@ impl Server {
                 .to_string(),
         };
         let mut api_config = Config::new(secret);
+        api_config.internal_token = config.internal_token;
+        let mut publisher = None;
         if let Some(url) = &config.redis_url {
+            let redis_error = |source| ServerError::Redis {
+                url: redact_url(url),
+                source,
+            };
             let windows = SharedWindows::connect(url, REDIS_PREFIX)
                 .await
-                .map_err(|source| ServerError::Redis {
-                    url: redact_url(url),
-                    source,
-                })?;
+                .map_err(redis_error)?;
             api_config.shared_limits = Some(windows);
+            publisher = Some(
+                RoutePublisher::connect(url, REDIS_PREFIX)
+                    .await
+                    .map_err(redis_error)?,
+            );
         }
         let registration = WorkerRegistration {
             ca: Arc::new(ca),
@@ -353,6 +349,7 @@ impl Server {
             state,
             db,
             reaper_interval: config.reaper_interval,
+            publisher,
         })
     }
 
@@ -372,21 +369,22 @@ impl Server {
         self.channel.local_addr()
     }
 
-    /// The HTTP application: the API plus `GET /health`.
+    /// The HTTP application (the API, `GET /health` included).
     fn app(&self) -> Router {
-        let db = self.db.clone();
-        Router::new()
-            .route("/health", get(move || health(db.clone())))
-            .merge(api::router(self.state.clone()))
+        api::router(self.state.clone())
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests,
     /// closes worker connections and the database.
     pub async fn run(
-        self,
+        mut self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let reaper = reaper::spawn(self.state.sandboxes.clone(), self.reaper_interval);
+        let publisher = self.publisher.take().map(|p| {
+            tracing::info!(channel = p.channel(), "publishing route changes on Redis");
+            p.spawn(&self.db)
+        });
         tracing::info!(
             api = ?self.listener.local_addr().ok(),
             channel = ?self.channel.local_addr().ok(),
@@ -398,6 +396,9 @@ impl Server {
             .await;
         tracing::info!("REST API stopped; closing the worker channel");
         reaper.abort();
+        if let Some(publisher) = publisher {
+            publisher.abort();
+        }
         self.channel.close();
         if tokio::time::timeout(CHANNEL_CLOSE_TIMEOUT, self.channel.wait_idle())
             .await

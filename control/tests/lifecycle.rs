@@ -242,9 +242,26 @@ async fn openapi_document_lists_the_routes(app: TestApp) {
         "/v1/sandboxes/{id}",
         "/v1/teams/{team_id}/api-keys",
         "/v1/auth/signup",
+        "/health",
+        "/sandboxes/{sandboxID}/snapshots",
+        "/snapshots",
+        "/templates/{templateID}",
+        "/v1/sandboxes/{id}/snapshots",
+        "/v1/snapshots",
+        "/v1/templates/{template_id}",
+        "/v1/admin/hosts/{host_id}/drain",
+        "/v1/admin/hosts/{host_id}/undrain",
+        "/internal/v1/routes/{sandbox_id}",
+        "/internal/v1/routes/events",
+        "/internal/v1/sandboxes/{sandbox_id}/resume",
     ] {
         assert!(paths.contains_key(p), "missing {p}");
     }
+    assert!(paths["/v1/templates/{template_id}"]["delete"].is_object());
+    // /health is served by the same router and answers while the database does.
+    let health = app.call(Method::GET, "/health", Auth::None, None).await;
+    assert_eq!(health.status, StatusCode::OK, "{}", health.text);
+    assert_eq!(health.body, json!({"status": "ok"}));
     assert!(r.body["components"]["securitySchemes"]["api_key"].is_object());
 }
 

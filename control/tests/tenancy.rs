@@ -25,6 +25,17 @@ async fn cross_tenant_matrix(app: TestApp) {
         )
         .await;
     let a_key_id = keys.body[0]["id"].as_str().unwrap().to_owned();
+    // A snapshot of A's sandbox, named, for the template and snapshot routes.
+    let snap = app
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/snapshots"),
+            Auth::Key(&a_key),
+            Some(json!({"name": "a-private-snap"})),
+        )
+        .await;
+    assert_eq!(snap.status, StatusCode::CREATED, "{}", snap.text);
+    let snap_id = snap.body["snapshotID"].as_str().unwrap().to_owned();
 
     let b = app.signup("b@example.com").await;
     let b_key = app.api_key(&b).await;
@@ -69,13 +80,30 @@ async fn cross_tenant_matrix(app: TestApp) {
             native_timeout.clone(),
         ),
         (Method::GET, format!("/v1/sandboxes/{id}/metrics"), None),
+        (Method::POST, format!("/sandboxes/{id}/snapshots"), None),
+        (Method::POST, format!("/v1/sandboxes/{id}/snapshots"), None),
+        (Method::DELETE, format!("/templates/{snap_id}"), None),
+        (Method::DELETE, format!("/v1/templates/{snap_id}"), None),
+        (Method::DELETE, "/templates/a-private-snap".to_owned(), None),
+        (Method::GET, format!("/v1/templates/{snap_id}"), None),
+        (Method::GET, "/v1/templates/a-private-snap".to_owned(), None),
+        (
+            Method::POST,
+            "/v2/sandboxes".to_owned(),
+            Some(json!({"templateID": snap_id})),
+        ),
+        (
+            Method::POST,
+            "/v1/sandboxes".to_owned(),
+            Some(json!({"template": "a-private-snap"})),
+        ),
     ];
     for auth in [Auth::Key(&b_key), Auth::Jwt(&b.token)] {
         for (method, path, body) in &sandbox_routes {
             let r = app.call(method.clone(), path, auth, body.clone()).await;
             r.assert_error(StatusCode::NOT_FOUND);
             assert!(
-                !r.text.contains("owner"),
+                !r.text.contains("owner") && !r.text.contains(&a.team_id),
                 "{method} {path} leaked: {}",
                 r.text
             );
@@ -86,14 +114,46 @@ async fn cross_tenant_matrix(app: TestApp) {
             "/v2/sandboxes?metadata=owner%3Da",
             "/v1/sandboxes",
             "/v1/templates",
+            "/snapshots",
+            "/v1/snapshots",
         ] {
             let r = app.call(Method::GET, path, auth, None).await;
             assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text);
             assert!(
-                !r.text.contains(&id) && !r.text.contains(&a.team_id),
+                !r.text.contains(&id)
+                    && !r.text.contains(&a.team_id)
+                    && !r.text.contains(&snap_id)
+                    && !r.text.contains("a-private-snap"),
                 "{path} leaked: {}",
                 r.text
             );
+        }
+        // Filtering B's snapshots by A's sandbox finds nothing.
+        for path in [
+            format!("/snapshots?sandboxID={id}"),
+            format!("/v1/snapshots?sandboxId={id}"),
+        ] {
+            let r = app.call(Method::GET, &path, auth, None).await;
+            assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text);
+            assert!(!r.text.contains(&snap_id), "{path} leaked: {}", r.text);
+        }
+        // Tenant credentials are no internal token: the gateway routes are closed to them.
+        for (method, path) in [
+            (Method::GET, format!("/internal/v1/routes/{id}")),
+            (Method::GET, "/internal/v1/routes/events".to_owned()),
+            (Method::POST, format!("/internal/v1/sandboxes/{id}/resume")),
+        ] {
+            let r = app.call(method.clone(), &path, auth, None).await;
+            r.assert_error(StatusCode::UNAUTHORIZED);
+            assert!(!r.text.contains(&a.team_id), "{path} leaked: {}", r.text);
+        }
+        // Host administration is for platform admins only.
+        for path in [
+            "/v1/admin/hosts/host-instant/drain",
+            "/v1/admin/hosts/host-instant/undrain",
+        ] {
+            let r = app.call(Method::POST, path, auth, None).await;
+            r.assert_error(StatusCode::FORBIDDEN);
         }
     }
     // Team-administration routes for team A, by user B: the team does not exist for them.
@@ -185,6 +245,14 @@ async fn cross_tenant_matrix(app: TestApp) {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["state"], "running");
+    let r = app
+        .call(Method::GET, "/snapshots", Auth::Key(&a_key), None)
+        .await;
+    assert_eq!(
+        r.body,
+        json!([{"snapshotID": snap_id, "names": ["a-private-snap"]}])
+    );
+    assert!(app.worker.holds_snapshot(&snap_id));
 }
 
 async fn roles_are_enforced_from_the_database(app: TestApp) {

@@ -151,6 +151,7 @@ impl From<LifecycleError> for ApiError {
             L::Invalid(m) => Self::bad_request(m),
             L::NotFound => Self::not_found("sandbox not found"),
             L::TemplateNotFound(_) => Self::not_found(e.to_string()),
+            L::Forbidden(m) => Self::forbidden(m),
             L::Conflict { .. } | L::IdempotencyMismatch => Self::conflict(e.to_string()),
             L::IdempotencyInProgress => {
                 Self::conflict(e.to_string()).retry_after(Duration::from_secs(1))

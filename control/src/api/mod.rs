@@ -8,6 +8,8 @@ pub mod e2b;
 pub mod error;
 pub mod extract;
 pub mod filters;
+pub mod health;
+pub mod internal;
 pub mod pagination;
 pub mod time;
 pub mod v1;
@@ -48,6 +50,8 @@ pub struct Config {
     /// Rate-limit windows shared with other control instances (Redis); `None` keeps them in
     /// this process.
     pub shared_limits: Option<crate::ratelimit::shared::SharedWindows>,
+    /// The gateway's token for `/internal/v1` (only its hash); `None` disables those routes.
+    pub internal_token: Option<internal::InternalToken>,
 }
 
 impl std::fmt::Debug for Config {
@@ -59,6 +63,7 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("sandbox_domain", &self.sandbox_domain)
             .field("shared_limits", &self.shared_limits)
+            .field("internal_token", &self.internal_token)
             .finish_non_exhaustive()
     }
 }
@@ -74,6 +79,7 @@ impl Config {
             max_body_bytes: 256 * 1024,
             sandbox_domain: None,
             shared_limits: None,
+            internal_token: None,
         }
     }
 }
@@ -156,6 +162,7 @@ impl utoipa::Modify for SecuritySchemes {
 /// The documented routes, before state is attached.
 fn documented() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::health))
         .routes(routes!(v1::accounts::signup))
         .routes(routes!(v1::accounts::login))
         .routes(routes!(v1::teams::create_team, v1::teams::list_teams))
@@ -168,7 +175,12 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(v1::keys::revoke_key))
         .routes(routes!(v1::audit::list_audit))
         .routes(routes!(v1::templates::list_templates))
-        .routes(routes!(v1::templates::get_template))
+        .routes(routes!(
+            v1::templates::get_template,
+            v1::templates::delete_template
+        ))
+        .routes(routes!(v1::templates::list_snapshots))
+        .routes(routes!(v1::templates::create_snapshot))
         .routes(routes!(v1::sandboxes::create, v1::sandboxes::list))
         .routes(routes!(v1::sandboxes::get, v1::sandboxes::kill))
         .routes(routes!(v1::sandboxes::pause))
@@ -178,6 +190,8 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(v1::workers::create_token))
         .routes(routes!(v1::workers::register))
         .routes(routes!(v1::workers::list_hosts))
+        .routes(routes!(v1::workers::drain_host))
+        .routes(routes!(v1::workers::undrain_host))
         .routes(routes!(e2b::routes::create_v1, e2b::routes::list_v1))
         .routes(routes!(e2b::routes::create_v2, e2b::routes::list_v2))
         .routes(routes!(e2b::routes::info, e2b::routes::kill))
@@ -187,6 +201,12 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(e2b::routes::connect_v1))
         .routes(routes!(e2b::routes::connect_v2))
         .routes(routes!(e2b::routes::metrics))
+        .routes(routes!(e2b::snapshots::create_snapshot))
+        .routes(routes!(e2b::snapshots::list_snapshots))
+        .routes(routes!(e2b::snapshots::delete_template))
+        .routes(routes!(internal::get_route))
+        .routes(routes!(internal::route_events))
+        .routes(routes!(internal::resume))
 }
 
 /// The OpenAPI document of every route.

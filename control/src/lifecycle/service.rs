@@ -36,6 +36,9 @@ pub struct CreateRequest {
     pub allow_internet: bool,
     /// Whether the guest daemon requires an access token (the E2B SDK's `secure`).
     pub secure: bool,
+    /// Whether ports other than envd's are open to anyone; if not, requests need the
+    /// sandbox's traffic access token (generated here).
+    pub allow_public_traffic: bool,
 }
 
 impl CreateRequest {
@@ -96,6 +99,8 @@ pub enum LifecycleError {
     NotFound,
     #[error("template {0:?} not found")]
     TemplateNotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("sandbox is {state}; cannot {action}")]
     Conflict {
         state: SandboxState,
@@ -207,6 +212,11 @@ impl Sandboxes {
         } else {
             None
         };
+        let traffic_token = if req.allow_public_traffic {
+            None
+        } else {
+            Some(store::random_id("", 32)?)
+        };
         let now = now_ms();
         let mut sandbox = Sandbox {
             id: id.as_str().to_owned(),
@@ -228,6 +238,8 @@ impl Sandboxes {
             updated_at: now,
             end_at: deadline(now, req.timeout_secs),
             ended_at: None,
+            allow_public_traffic: req.allow_public_traffic,
+            traffic_access_token: traffic_token,
         };
         sandboxes::insert(&self.db, &sandbox).await?;
         audit::record(

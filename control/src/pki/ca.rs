@@ -45,14 +45,17 @@ pub struct IssuedCert {
     pub der: CertificateDer<'static>,
     /// SHA-256 (hex) of the DER encoding: how control recognises the certificate later.
     pub sha256: String,
+    /// When it expires, Unix seconds.
+    pub not_after_unix: i64,
 }
 
 impl IssuedCert {
-    fn from(cert: &Certificate) -> Self {
+    fn from(cert: &Certificate, not_after: OffsetDateTime) -> Self {
         Self {
             pem: cert.pem(),
             der: cert.der().clone(),
             sha256: fingerprint(cert.der()),
+            not_after_unix: not_after.unix_timestamp(),
         }
     }
 }
@@ -154,7 +157,17 @@ impl ControlCa {
         }
         let key_pem = fs::read_to_string(key_path).map_err(io_err(key_path))?;
         let pem = fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
-        let key = KeyPair::from_pem(&key_pem)?;
+        Self::from_pems(pem, &key_pem)
+    }
+
+    /// A second handle on the same CA (same certificate and key), for another task that
+    /// signs (the worker channel renews certificates while the API registers workers).
+    pub fn try_clone(&self) -> Result<Self, PkiError> {
+        Self::from_pems(self.pem.clone(), &self.key.serialize_pem())
+    }
+
+    fn from_pems(pem: String, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
         let params = CertificateParams::from_ca_cert_pem(&pem)?;
         // Same subject and key as the stored certificate, so what it signs chains to it.
         let issuer = params.self_signed(&key)?;
@@ -191,9 +204,10 @@ impl ControlCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, WORKER_CERT_VALIDITY);
+        let not_after = params.not_after;
         csr.params = params;
         let cert = csr.signed_by(&self.issuer, &self.key)?;
-        Ok(IssuedCert::from(&cert))
+        Ok(IssuedCert::from(&cert, not_after))
     }
 
     /// A fresh key and server certificate for control's QUIC endpoint named `server_name`.
@@ -207,8 +221,9 @@ impl ControlCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, WORKER_CERT_VALIDITY);
+        let not_after = params.not_after;
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
-        Ok((IssuedCert::from(&cert), key))
+        Ok((IssuedCert::from(&cert, not_after), key))
     }
 }
 

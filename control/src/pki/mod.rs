@@ -16,7 +16,9 @@
 mod ca;
 mod tls;
 
-pub use ca::{ControlCa, IssuedCert, fingerprint, new_key_and_csr, worker_uri};
+pub use ca::{
+    ControlCa, IssuedCert, WORKER_CERT_VALIDITY, fingerprint, new_key_and_csr, worker_uri,
+};
 pub use tls::{client_config, server_config};
 
 /// Why a certificate could not be issued, loaded or used.

@@ -34,6 +34,8 @@ struct Held {
 #[derive(Debug, Default)]
 pub struct InstantWorker {
     sandboxes: Mutex<HashMap<SandboxId, Held>>,
+    /// Snapshots taken here (they hold nothing: no VM ran).
+    snapshots: Mutex<std::collections::HashSet<String>>,
     refuse_creates: AtomicUsize,
 }
 
@@ -53,6 +55,14 @@ impl InstantWorker {
     /// How many sandboxes the worker holds, running or paused.
     pub fn held(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Whether the worker holds snapshot `id`.
+    pub fn holds_snapshot(&self, id: &str) -> bool {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Held>> {
@@ -164,5 +174,40 @@ impl Placement for InstantWorker {
             disk_used: 0,
             disk_total: held.disk_size_mb.saturating_mul(1024 * 1024),
         }])
+    }
+
+    async fn snapshot(
+        &self,
+        host_id: &str,
+        id: &SandboxId,
+        snapshot_id: &str,
+    ) -> Result<u64, PlacementError> {
+        Self::check_host(host_id)?;
+        let map = self.lock();
+        let held = map.get(id).ok_or_else(|| Self::unknown(id))?;
+        if held.state != WorkerState::Running {
+            return Err(PlacementError::Refused {
+                reason: "sandbox is not running".into(),
+            });
+        }
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(snapshot_id.to_owned());
+        // Nothing runs, so nothing is saved.
+        Ok(0)
+    }
+
+    async fn delete_template(
+        &self,
+        host_id: &str,
+        template_id: &str,
+    ) -> Result<(), PlacementError> {
+        Self::check_host(host_id)?;
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(template_id);
+        Ok(())
     }
 }

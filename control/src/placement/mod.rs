@@ -80,4 +80,19 @@ pub trait Placement: Send + Sync + std::fmt::Debug {
         host_id: &str,
         id: &SandboxId,
     ) -> Result<Vec<MetricSample>, PlacementError>;
+    /// Saves running sandbox `id` as template `snapshot_id` on its host, which from then on
+    /// offers that template. Returns the snapshot's size in bytes.
+    async fn snapshot(
+        &self,
+        host_id: &str,
+        id: &SandboxId,
+        snapshot_id: &str,
+    ) -> Result<u64, PlacementError>;
+    /// Makes a change of `host_id`'s drain flag (already stored) effective at once in this
+    /// instance's placement; other instances pick it up from the database with the host's
+    /// next heartbeat. Placements without a choice of hosts ignore it.
+    fn set_draining(&self, _host_id: &str, _draining: bool) {}
+    /// Removes template `template_id` (a snapshot) from the host holding it.
+    async fn delete_template(&self, host_id: &str, template_id: &str)
+    -> Result<(), PlacementError>;
 }

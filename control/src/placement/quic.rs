@@ -182,4 +182,43 @@ impl Placement for QuicPlacement {
             other => Err(unexpected(&other)),
         }
     }
+
+    async fn snapshot(
+        &self,
+        host_id: &str,
+        id: &SandboxId,
+        snapshot_id: &str,
+    ) -> Result<u64, PlacementError> {
+        let op = Operation::Snapshot {
+            sandbox_id: id.as_str().to_owned(),
+            snapshot_id: snapshot_id.to_owned(),
+        };
+        match self.call(host_id, op, id.as_str(), snapshot_id).await? {
+            Outcome::Snapshotted { size_bytes } => {
+                // Placeable at once, before the worker's next heartbeat lists it.
+                self.registry.offer(host_id, snapshot_id);
+                Ok(size_bytes)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn set_draining(&self, host_id: &str, draining: bool) {
+        self.registry.set_draining(host_id, draining);
+    }
+
+    async fn delete_template(
+        &self,
+        host_id: &str,
+        template_id: &str,
+    ) -> Result<(), PlacementError> {
+        self.registry.withdraw(host_id, template_id);
+        let op = Operation::DeleteTemplate {
+            template_id: template_id.to_owned(),
+        };
+        match self.call(host_id, op, "", template_id).await? {
+            Outcome::TemplateDeleted => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
 }

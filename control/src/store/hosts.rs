@@ -4,8 +4,9 @@
 //! their heartbeats stop ([`stale`], [`mark_lost`]).
 //!
 //! `state` is `ready` while a worker is connected and heartbeating, `lost` while it is not
-//! (including a registered worker that has not connected yet), `draining` when an operator
-//! stops new placements on it.
+//! (including a registered worker that has not connected yet). Draining is a separate flag
+//! ([`set_draining`]), not a state, so that a draining host that drops out and comes back is
+//! still draining. (The schema's `draining` state value is unused.)
 
 use super::{Db, StoreError, now_ms};
 
@@ -25,10 +26,14 @@ pub struct Host {
     pub cert_sha256: Option<String>,
     pub last_heartbeat_at: Option<i64>,
     pub created_at: i64,
+    /// 1 while an operator keeps new sandboxes off the host.
+    pub draining: i64,
+    /// The certificate replaced by the last renewal, still accepted until it expires.
+    pub previous_cert_sha256: Option<String>,
 }
 
 const COLUMNS: &str = "id, name, state, cpu_count, memory_mb, disk_mb, max_sandboxes, templates, \
-    worker_version, cert_sha256, last_heartbeat_at, created_at";
+    worker_version, cert_sha256, last_heartbeat_at, created_at, draining, previous_cert_sha256";
 
 /// What a worker reported about itself when it connected.
 #[derive(Debug, Clone)]
@@ -90,9 +95,13 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<Host>, StoreError> {
         .await?)
 }
 
-/// The host holding the certificate whose DER encoding hashes to `cert_sha256`.
+/// The host holding the certificate whose DER encoding hashes to `cert_sha256`: its current
+/// one or the one its last renewal replaced (TLS has already checked that it has not expired).
 pub async fn by_cert(db: &Db, cert_sha256: &str) -> Result<Option<Host>, StoreError> {
-    let sql = format!("SELECT {COLUMNS} FROM hosts WHERE cert_sha256 = $1");
+    let sql = format!(
+        "SELECT {COLUMNS} FROM hosts WHERE cert_sha256 = $1 OR previous_cert_sha256 = $1 \
+         ORDER BY id LIMIT 1"
+    );
     Ok(sqlx::query_as(&sql)
         .bind(cert_sha256)
         .fetch_optional(db.pool())
@@ -129,15 +138,49 @@ pub async fn mark_connected(db: &Db, id: &str, r: &Reported<'_>) -> Result<(), S
     Ok(())
 }
 
-/// Records a heartbeat at `now`. Returns `false` when the host is no longer `ready` (the
-/// monitor marked it lost meanwhile): the worker must then reconnect and be reconciled.
-pub async fn heartbeat(db: &Db, id: &str, now: i64) -> Result<bool, StoreError> {
-    let res =
-        sqlx::query("UPDATE hosts SET last_heartbeat_at = $1 WHERE id = $2 AND state = 'ready'")
-            .bind(now)
-            .bind(id)
-            .execute(db.pool())
-            .await?;
+/// Records a heartbeat at `now` and returns the host's drain flag. `None` when the host is no
+/// longer `ready` (the monitor marked it lost meanwhile): the worker must then reconnect and
+/// be reconciled.
+pub async fn heartbeat(db: &Db, id: &str, now: i64) -> Result<Option<bool>, StoreError> {
+    let row: Option<(i64,)> = sqlx::query_as(
+        "UPDATE hosts SET last_heartbeat_at = $1 WHERE id = $2 AND state = 'ready' \
+         RETURNING draining",
+    )
+    .bind(now)
+    .bind(id)
+    .fetch_optional(db.pool())
+    .await?;
+    Ok(row.map(|(d,)| d != 0))
+}
+
+/// Sets host `id`'s drain flag; returns whether the host exists.
+pub async fn set_draining(db: &Db, id: &str, draining: bool) -> Result<bool, StoreError> {
+    let res = sqlx::query("UPDATE hosts SET draining = $1 WHERE id = $2")
+        .bind(i64::from(draining))
+        .bind(id)
+        .execute(db.pool())
+        .await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// Replaces host `id`'s certificate `current` by `renewed`, keeping `current` as the previous
+/// one (dropping any older previous one). A compare-and-set on `current`, so two concurrent
+/// renewals cannot both win; returns whether it applied.
+pub async fn renew_cert(
+    db: &Db,
+    id: &str,
+    current: &str,
+    renewed: &str,
+) -> Result<bool, StoreError> {
+    let res = sqlx::query(
+        "UPDATE hosts SET previous_cert_sha256 = cert_sha256, cert_sha256 = $1 \
+         WHERE id = $2 AND cert_sha256 = $3",
+    )
+    .bind(renewed)
+    .bind(id)
+    .bind(current)
+    .execute(db.pool())
+    .await?;
     Ok(res.rows_affected() == 1)
 }
 

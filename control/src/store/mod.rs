@@ -16,6 +16,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod changes;
 pub mod hosts;
 pub mod idempotency;
 pub mod sandboxes;
@@ -91,6 +92,7 @@ pub enum StoreError {
 pub struct Db {
     pool: AnyPool,
     engine: Engine,
+    changes: changes::Feed,
 }
 
 impl Db {
@@ -129,7 +131,11 @@ impl Db {
         };
         migrator.run(&pool).await.map_err(ConnectError::Migrate)?;
         tracing::info!(?engine, "control database ready");
-        Ok(Self { pool, engine })
+        Ok(Self {
+            pool,
+            engine,
+            changes: changes::Feed::new(),
+        })
     }
 
     pub fn engine(&self) -> Engine {
@@ -138,6 +144,15 @@ impl Db {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Sandbox route changes made through this handle (and its clones) from now on.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<changes::SandboxChange> {
+        self.changes.subscribe()
+    }
+
+    pub(crate) fn announce(&self, sandbox_id: &str, kind: changes::ChangeKind) {
+        self.changes.send(sandbox_id, kind);
     }
 
     /// Closes every connection; used by tests before dropping a scratch database.

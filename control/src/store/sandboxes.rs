@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use super::changes::ChangeKind;
 use super::{Db, StoreError, now_ms};
 use crate::lifecycle::state::SandboxState;
 
@@ -33,6 +34,10 @@ pub struct Sandbox {
     pub updated_at: i64,
     pub end_at: i64,
     pub ended_at: Option<i64>,
+    /// Whether ports other than envd's are open to anyone; otherwise they need
+    /// `traffic_access_token` (the gateway checks it).
+    pub allow_public_traffic: bool,
+    pub traffic_access_token: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -56,11 +61,14 @@ struct Row {
     updated_at: i64,
     end_at: i64,
     ended_at: Option<i64>,
+    allow_public_traffic: i64,
+    traffic_access_token: Option<String>,
 }
 
 const COLUMNS: &str = "s.id, s.team_id, s.template_id, s.state, s.metadata, s.env_var_names, \
     s.host_id, s.cpu_count, s.memory_mb, s.disk_size_mb, s.envd_version, s.envd_access_token, \
-    s.auto_pause, s.allow_internet, s.created_at, s.started_at, s.updated_at, s.end_at, s.ended_at";
+    s.auto_pause, s.allow_internet, s.created_at, s.started_at, s.updated_at, s.end_at, s.ended_at, \
+    s.allow_public_traffic, s.traffic_access_token";
 
 fn corrupt(column: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Corrupt {
@@ -95,6 +103,8 @@ impl TryFrom<Row> for Sandbox {
             updated_at: r.updated_at,
             end_at: r.end_at,
             ended_at: r.ended_at,
+            allow_public_traffic: r.allow_public_traffic != 0,
+            traffic_access_token: r.traffic_access_token,
         })
     }
 }
@@ -109,8 +119,10 @@ pub async fn insert(db: &Db, s: &Sandbox) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO sandboxes (id, team_id, template_id, state, metadata, env_var_names, host_id, \
          cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, auto_pause, \
-         allow_internet, created_at, started_at, updated_at, end_at, ended_at) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+         allow_internet, created_at, started_at, updated_at, end_at, ended_at, \
+         allow_public_traffic, traffic_access_token) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
+         $20, $21)",
     )
     .bind(&s.id)
     .bind(&s.team_id)
@@ -131,6 +143,8 @@ pub async fn insert(db: &Db, s: &Sandbox) -> Result<(), StoreError> {
     .bind(s.updated_at)
     .bind(s.end_at)
     .bind(s.ended_at)
+    .bind(i64::from(s.allow_public_traffic))
+    .bind(&s.traffic_access_token)
     .execute(&mut *tx)
     .await?;
     for (key, value) in &s.metadata {
@@ -142,6 +156,7 @@ pub async fn insert(db: &Db, s: &Sandbox) -> Result<(), StoreError> {
             .await?;
     }
     tx.commit().await?;
+    db.announce(&s.id, ChangeKind::Changed);
     Ok(())
 }
 
@@ -269,7 +284,16 @@ pub async fn compare_and_set(
     .bind(team_id.unwrap_or(""))
     .execute(db.pool())
     .await?;
-    Ok(res.rows_affected() == 1)
+    let moved = res.rows_affected() == 1;
+    if moved {
+        let kind = if to.is_terminal() {
+            ChangeKind::Removed
+        } else {
+            ChangeKind::Changed
+        };
+        db.announce(id, kind);
+    }
+    Ok(moved)
 }
 
 /// Sets when a sandbox times out, if it is still in `state`; returns whether it was.
@@ -310,6 +334,17 @@ pub async fn expired(db: &Db, now: i64, limit: i64) -> Result<Vec<Sandbox>, Stor
 
 /// Most ids bound in one `IN (...)` list (well under SQLite's and PostgreSQL's limits).
 const IN_CHUNK: usize = 500;
+
+/// Sandbox `id` of any team, in any state: only for trusted internal callers (the gateway's
+/// route lookups).
+pub async fn get_any_team(db: &Db, id: &str) -> Result<Option<Sandbox>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM sandboxes s WHERE s.id = $1");
+    let row: Option<Row> = sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_optional(db.pool())
+        .await?;
+    row.map(Sandbox::try_from).transpose()
+}
 
 /// The sandboxes among `ids`, of any team, by id: only for system actors (reconciling a
 /// heartbeat's whole sandbox list in a few queries instead of one per sandbox).

@@ -15,6 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use roost_proto::control::{
     CodecError, ControlMessage, ErrorKind, Heartbeat, Hello, JsonCodec, Operation, Outcome,
     PROTOCOL_VERSION, Request, Response, SandboxReport, Usage, WorkerError, WorkerMessage,
+    WorkerOperation, WorkerOutcome, WorkerReply, WorkerRequest,
 };
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -67,6 +68,35 @@ pub enum ClientError {
     WelcomeTimeout(Duration),
     #[error("control rejected the worker: {0}")]
     Rejected(String),
+    #[error("request stream failed")]
+    Stream(#[from] quinn::ClosedStream),
+    #[error("control closed the request stream without answering")]
+    NoReply,
+    #[error("control answered request {got} on the stream of request {expected}")]
+    WrongReply { expected: u64, got: u64 },
+    #[error("no answer from control within {0:?}")]
+    ReplyTimeout(Duration),
+    #[error("control refused the request")]
+    Refused(#[source] WorkerError),
+}
+
+/// A certificate control issued in exchange for a CSR ([`Session::renew_certificate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewedCertificate {
+    pub certificate_pem: String,
+    /// Expiry, Unix seconds.
+    pub not_after_unix: i64,
+}
+
+/// Longest wait for control's answer to a worker request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether a certificate expiring at `not_after_unix` should be renewed at `now_unix`: once
+/// less than a third of a full validity period is left, so a worker renewing on a daily check
+/// has months of slack against outages.
+pub fn renewal_due(not_after_unix: i64, now_unix: i64) -> bool {
+    let third = i64::try_from(crate::pki::WORKER_CERT_VALIDITY.as_secs() / 3).unwrap_or(i64::MAX);
+    not_after_unix.saturating_sub(now_unix) < third
 }
 
 /// Longest wait for control's welcome.
@@ -79,6 +109,7 @@ pub struct Session {
     connection: quinn::Connection,
     heartbeat_interval: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    next_request: std::sync::atomic::AtomicU64,
 }
 
 type Writer = FramedWrite<quinn::SendStream, JsonCodec<ControlMessage, WorkerMessage>>;
@@ -130,7 +161,63 @@ impl Session {
             connection,
             heartbeat_interval,
             tasks: vec![heartbeats, server],
+            next_request: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// Asks control for a new certificate for the key behind `csr_pem` (from
+    /// [`crate::pki::new_key_and_csr`]). The current certificate stays valid until it expires;
+    /// use the new one (with the new key) for the next connection.
+    pub async fn renew_certificate(
+        &self,
+        csr_pem: &str,
+    ) -> Result<RenewedCertificate, ClientError> {
+        let request_id = self
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let operation = WorkerOperation::RenewCertificate {
+            csr_pem: csr_pem.to_owned(),
+        };
+        match self.request(request_id, operation).await? {
+            WorkerOutcome::Certificate {
+                certificate_pem,
+                not_after_unix,
+            } => Ok(RenewedCertificate {
+                certificate_pem,
+                not_after_unix,
+            }),
+        }
+    }
+
+    async fn request(
+        &self,
+        request_id: u64,
+        operation: WorkerOperation,
+    ) -> Result<WorkerOutcome, ClientError> {
+        let exchange = async {
+            let (send, recv) = self.connection.open_bi().await?;
+            let mut writer = FramedWrite::new(send, JsonCodec::<WorkerReply, WorkerRequest>::new());
+            writer
+                .send(WorkerRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    request_id,
+                    operation,
+                })
+                .await?;
+            writer.into_inner().finish()?;
+            let mut reader = FramedRead::new(recv, JsonCodec::<WorkerReply, WorkerRequest>::new());
+            let reply = reader.next().await.ok_or(ClientError::NoReply)??;
+            if reply.request_id != request_id {
+                return Err(ClientError::WrongReply {
+                    expected: request_id,
+                    got: reply.request_id,
+                });
+            }
+            reply.result.map_err(ClientError::Refused)
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::ReplyTimeout(REQUEST_TIMEOUT))?
     }
 
     /// The interval control asked for.

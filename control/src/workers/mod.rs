@@ -4,6 +4,7 @@
 //! - [`session`]: one connection, from certificate check and hello to its last heartbeat;
 //! - [`registry`]: the connected workers, their capacity and templates (placement reads it);
 //! - [`rpc`]: one request on its own stream, with a timeout;
+//! - [`requests`]: requests the worker makes of control (certificate renewal);
 //! - [`reconcile`]: matching what a worker reports against the database;
 //! - [`monitor`]: marking hosts whose heartbeats stopped lost, with their sandboxes;
 //! - [`client`]: the worker's end (dial, hello, heartbeats, answering requests).
@@ -19,6 +20,7 @@ pub mod client;
 pub mod monitor;
 pub mod reconcile;
 pub mod registry;
+pub mod requests;
 pub mod rpc;
 pub mod server;
 pub mod session;

@@ -28,6 +28,8 @@ pub struct Load {
     pub capacity: Capacity,
     pub usage: Usage,
     pub templates: BTreeSet<String>,
+    /// An operator stopped new placements on the host; its sandboxes keep running.
+    pub draining: bool,
 }
 
 impl Load {
@@ -68,8 +70,10 @@ impl Load {
     }
 }
 
-/// The host among `loads` with the most headroom that offers `template` and fits `need`,
-/// skipping `exclude`; ties go to the smaller id, so the choice is deterministic.
+/// The host among `loads` with the most headroom that offers `template`, is not draining and
+/// fits `need`, skipping `exclude`; ties go to the smaller id, so the choice is deterministic.
+/// Hosts that offer the template but are draining count as offering it (so the answer is
+/// "no capacity, retry", not "nobody has this template").
 pub fn pick<'a>(
     loads: impl IntoIterator<Item = (&'a String, &'a Load)>,
     template: &str,
@@ -86,7 +90,7 @@ pub fn pick<'a>(
         });
     }
     offering
-        .filter(|(_, l)| l.fits(need))
+        .filter(|(_, l)| !l.draining && l.fits(need))
         .max_by(|(a_id, a), (b_id, b)| a.headroom().cmp(&b.headroom()).then_with(|| b_id.cmp(a_id)))
         .map(|(id, _)| id)
         .ok_or_else(|| PlacementError::NoCapacity {
@@ -141,6 +145,7 @@ impl Registry {
                 capacity: hello.capacity,
                 usage: hello.usage,
                 templates: hello.templates.iter().cloned().collect(),
+                draining: false,
             },
         };
         if let Some(old) = self.lock().insert(host_id.to_owned(), worker) {
@@ -173,6 +178,28 @@ impl Registry {
         if let Some(w) = self.lock().get_mut(host_id).filter(|w| w.epoch == epoch) {
             w.load.usage = usage;
             w.load.templates = templates.iter().cloned().collect();
+        }
+    }
+
+    /// Marks `host_id` draining (no new placements) or not.
+    pub fn set_draining(&self, host_id: &str, draining: bool) {
+        if let Some(w) = self.lock().get_mut(host_id) {
+            w.load.draining = draining;
+        }
+    }
+
+    /// Records that `host_id` now offers `template` (a snapshot it just took), until its next
+    /// heartbeat says otherwise.
+    pub fn offer(&self, host_id: &str, template: &str) {
+        if let Some(w) = self.lock().get_mut(host_id) {
+            w.load.templates.insert(template.to_owned());
+        }
+    }
+
+    /// Records that `host_id` no longer offers `template`.
+    pub fn withdraw(&self, host_id: &str, template: &str) {
+        if let Some(w) = self.lock().get_mut(host_id) {
+            w.load.templates.remove(template);
         }
     }
 
@@ -247,6 +274,7 @@ mod tests {
                 disk_mib: u64::from(used) * 1024,
             },
             templates: templates.iter().map(|t| (*t).to_owned()).collect(),
+            draining: false,
         }
     }
 
@@ -302,6 +330,20 @@ mod tests {
             choose(&list, "base", SMALL, &["a".into()]),
             Err(PlacementError::NoTemplateHost {
                 template: "base".into()
+            })
+        );
+    }
+
+    #[test]
+    fn draining_hosts_take_nothing_but_still_count_as_offering() {
+        let mut drained = load(4, 0, &["base", "snap"]);
+        drained.draining = true;
+        let list = hosts(&[("a", drained), ("b", load(4, 3, &["base"]))]);
+        assert_eq!(choose(&list, "base", SMALL, &[]).unwrap(), "b");
+        assert_eq!(
+            choose(&list, "snap", SMALL, &[]),
+            Err(PlacementError::NoCapacity {
+                template: "snap".into()
             })
         );
     }

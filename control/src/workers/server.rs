@@ -17,6 +17,8 @@ pub struct Shared {
     pub config: ChannelConfig,
     /// Sandboxes with a reconciliation kill order on its way.
     pub kills_in_flight: InFlight,
+    /// Signs renewed worker certificates.
+    pub ca: ControlCa,
 }
 
 /// A set of ids with work in progress.
@@ -82,6 +84,7 @@ impl WorkerChannel {
             registry: Arc::new(Registry::new()),
             config,
             kills_in_flight: InFlight::default(),
+            ca: ca.try_clone()?,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let sweep = monitor::spawn(shared.clone(), shared.config.sweep_interval());

@@ -12,7 +12,7 @@ use rustls::pki_types::CertificateDer;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::server::Shared;
-use super::{millis, reconcile};
+use super::{millis, reconcile, requests};
 use crate::pki::fingerprint;
 use crate::store::audit::{self, Actor};
 use crate::store::{StoreError, hosts, now_ms};
@@ -115,6 +115,7 @@ async fn serve(shared: &Arc<Shared>, connection: &quinn::Connection) -> Result<(
 
     hosts::mark_connected(&shared.db, &host.id, &reported(&hello)).await?;
     let epoch = shared.registry.attach(&host.id, connection.clone(), &hello);
+    shared.registry.set_draining(&host.id, host.draining != 0);
     let result = session(shared, connection, &host.id, epoch, &hello, reader, writer).await;
     shared.registry.detach(&host.id, epoch);
     result
@@ -191,8 +192,14 @@ async fn session(
         hello.sandboxes.clone(),
         latest,
     ));
+    let worker_requests = tokio::spawn(requests::serve(
+        shared.clone(),
+        connection.clone(),
+        host_id.to_owned(),
+    ));
     let result = heartbeats(shared, connection, host_id, epoch, &mut reader, &reports).await;
     reconciler.abort();
+    worker_requests.abort();
     result
 }
 
@@ -227,14 +234,16 @@ async fn heartbeats(
             );
             return Ok(());
         };
-        if !hosts::heartbeat(&shared.db, host_id, now_ms()).await? {
+        let Some(draining) = hosts::heartbeat(&shared.db, host_id, now_ms()).await? else {
             // Marked lost while we were waiting: reconnecting reconciles it.
             connection.close(
                 quinn::VarInt::from_u32(close_code::LOST),
                 b"marked lost; reconnect",
             );
             return Ok(());
-        }
+        };
+        // Another control instance may have (un)drained the host: the database decides.
+        shared.registry.set_draining(host_id, draining);
         shared
             .registry
             .report(host_id, epoch, heartbeat.usage, &heartbeat.templates);

@@ -17,6 +17,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
+use roost_control::api::internal::InternalToken;
 use roost_control::api::v1::workers::WorkerRegistration;
 use roost_control::api::{self, AppState, Config};
 use roost_control::auth::password::HashCost;
@@ -114,8 +115,12 @@ fn roomy_limits() -> Limits {
     }
 }
 
+/// The gateway's internal token in tests.
+pub const INTERNAL_TOKEN: &str = "test-internal-token-0123456789abcdef";
+
 pub fn test_config() -> Config {
     let mut config = Config::new(b"test-session-secret-of-enough-length".to_vec());
+    config.internal_token = Some(InternalToken::from_secret(INTERNAL_TOKEN).unwrap());
     config.password_cost = HashCost::TESTING;
     config.limits = roomy_limits();
     config.max_body_bytes = 64 * 1024;

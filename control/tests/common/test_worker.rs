@@ -97,6 +97,8 @@ pub struct Book {
     kills: Mutex<Vec<String>>,
     /// Carry out creates but never answer them (a worker whose answer is lost or too late).
     silent_creates: std::sync::atomic::AtomicBool,
+    /// Snapshots taken here; offered as templates besides the profile's.
+    snapshots: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Book {
@@ -140,6 +142,17 @@ impl Book {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Snapshots this worker holds.
+    pub fn snapshots(&self) -> Vec<String> {
+        self.snapshots.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn templates(&self, profile: &Profile) -> Vec<String> {
+        let mut all = profile.templates.clone();
+        all.extend(self.snapshots());
+        all
+    }
+
     /// Sandboxes control told this worker to kill, in order.
     pub fn kills(&self) -> Vec<String> {
         self.kills.lock().unwrap().clone()
@@ -177,7 +190,9 @@ impl Book {
         let mut map = self.lock();
         match op {
             Operation::Create(spec) => {
-                if !profile.templates.contains(&spec.template_id) {
+                if !profile.templates.contains(&spec.template_id)
+                    && !self.snapshots.lock().unwrap().contains(&spec.template_id)
+                {
                     return err(ErrorKind::UnknownTemplate, "template not on this host");
                 }
                 let in_use = u32::try_from(map.len()).unwrap();
@@ -218,10 +233,24 @@ impl Book {
                 Some(_) => err(ErrorKind::InvalidState, "not paused"),
                 None => err(ErrorKind::UnknownSandbox, "no such sandbox"),
             },
-            Operation::Snapshot { sandbox_id, .. } => match map.get(&sandbox_id) {
-                Some(_) => Ok(Outcome::Snapshotted { size_bytes: 4096 }),
+            Operation::Snapshot {
+                sandbox_id,
+                snapshot_id,
+            } => match map.get(&sandbox_id) {
+                Some(h) if h.state == WorkerSandboxState::Running => {
+                    self.snapshots.lock().unwrap().insert(snapshot_id);
+                    Ok(Outcome::Snapshotted { size_bytes: 4096 })
+                }
+                Some(_) => err(ErrorKind::InvalidState, "not running"),
                 None => err(ErrorKind::UnknownSandbox, "no such sandbox"),
             },
+            Operation::DeleteTemplate { template_id } => {
+                if self.snapshots.lock().unwrap().remove(&template_id) {
+                    Ok(Outcome::TemplateDeleted)
+                } else {
+                    err(ErrorKind::UnknownTemplate, "no such template")
+                }
+            }
             Operation::Metrics { sandbox_id } => match map.get(&sandbox_id) {
                 Some(h) => Ok(Outcome::Metrics {
                     samples: vec![MetricSample {
@@ -279,7 +308,7 @@ impl Handler for Worker {
     fn status(&self) -> Status {
         Status {
             usage: self.book.usage(),
-            templates: self.profile.templates.clone(),
+            templates: self.book.templates(&self.profile),
             sandboxes: self.book.reports(),
         }
     }
@@ -329,7 +358,7 @@ impl TestWorker {
             worker_id: creds.worker_id.clone(),
             worker_version: "test-worker".into(),
             capacity: profile.capacity,
-            templates: profile.templates.clone(),
+            templates: book.templates(&profile),
             usage: book.usage(),
             sandboxes: book.reports(),
         };
@@ -352,6 +381,11 @@ impl TestWorker {
         self.session.halt();
     }
 
+    /// The worker's session (for worker → control requests such as certificate renewal).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
     /// Closes the connection cleanly (a worker restarting its control connection).
     pub async fn disconnect(self) -> Arc<Book> {
         self.session.leave().await;
@@ -362,4 +396,34 @@ impl TestWorker {
     pub async fn closed(&self) -> quinn::ConnectionError {
         self.session.closed().await
     }
+}
+
+/// A signed-up user made platform administrator (in the database, as the operator would).
+pub async fn platform_admin(app: &TestApp, email: &str) -> super::User {
+    let admin = app.signup(email).await;
+    assert!(
+        roost_control::store::users::set_platform_admin(&app.db, &admin.id, true)
+            .await
+            .unwrap()
+    );
+    admin
+}
+
+/// Registers a worker with a fresh token from `admin` and connects it with `profile`.
+pub async fn join(app: &TestApp, admin: &super::User, profile: Profile) -> TestWorker {
+    let r = app
+        .call(
+            Method::POST,
+            "/v1/admin/workers/registration-tokens",
+            Auth::Jwt(&admin.token),
+            Some(json!({"name": "rack", "ttlSecs": 600})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let creds = register(app, r.body["token"].as_str().unwrap())
+        .await
+        .unwrap_or_else(|r| panic!("registration failed: {}", r.text));
+    TestWorker::connect(&creds, profile, Arc::default())
+        .await
+        .unwrap()
 }

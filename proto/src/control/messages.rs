@@ -125,6 +125,10 @@ pub enum Operation {
     Metrics {
         sandbox_id: String,
     },
+    /// Removes a template (a snapshot) this worker holds; it is no longer offered.
+    DeleteTemplate {
+        template_id: String,
+    },
 }
 
 /// A request, alone on its own stream.
@@ -160,6 +164,7 @@ pub enum Outcome {
     Resumed,
     Snapshotted { size_bytes: u64 },
     Metrics { samples: Vec<MetricSample> },
+    TemplateDeleted,
 }
 
 /// Why a worker could not do what was asked.
@@ -174,6 +179,8 @@ pub enum ErrorKind {
     /// The sandbox is not in a state the operation applies to.
     InvalidState,
     UnsupportedVersion,
+    /// The request itself is malformed (e.g. a certificate request that does not parse).
+    InvalidRequest,
     Internal,
     /// A kind added by a newer peer.
     #[serde(other)]
@@ -193,6 +200,44 @@ pub struct WorkerError {
 pub struct Response {
     pub request_id: u64,
     pub result: Result<Outcome, WorkerError>,
+}
+
+/// What a worker asks control, on a bidirectional stream the worker opens after the welcome
+/// (one stream per request, like control's requests the other way).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum WorkerOperation {
+    /// A new client certificate for the key behind `csr_pem` (PEM PKCS#10), before the
+    /// current one expires. The current certificate stays valid until its own expiry.
+    RenewCertificate { csr_pem: String },
+}
+
+/// A worker's request, alone on its own stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRequest {
+    pub protocol_version: u32,
+    /// Unique per worker connection; echoed in the reply.
+    pub request_id: u64,
+    #[serde(flatten)]
+    pub operation: WorkerOperation,
+}
+
+/// What control did for a [`WorkerRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum WorkerOutcome {
+    Certificate {
+        certificate_pem: String,
+        /// Expiry of the new certificate, Unix seconds.
+        not_after_unix: i64,
+    },
+}
+
+/// Control's answer to a [`WorkerRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReply {
+    pub request_id: u64,
+    pub result: Result<WorkerOutcome, WorkerError>,
 }
 
 #[cfg(test)]
@@ -242,6 +287,32 @@ mod tests {
             r#"{"request_id":3,"result":{"Err":{"kind":"disk_on_fire","message":"m","extra":1}}}"#;
         let r: Response = serde_json::from_str(text).unwrap();
         assert_eq!(r.result.unwrap_err().kind, ErrorKind::Other);
+    }
+
+    #[test]
+    fn worker_requests_round_trip_flat() {
+        let req = WorkerRequest {
+            protocol_version: 1,
+            request_id: 2,
+            operation: WorkerOperation::RenewCertificate {
+                csr_pem: "PEM".into(),
+            },
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            json!({"protocol_version": 1, "request_id": 2, "op": "renew_certificate", "csr_pem": "PEM"})
+        );
+        assert_eq!(serde_json::from_value::<WorkerRequest>(v).unwrap(), req);
+        let reply = WorkerReply {
+            request_id: 2,
+            result: Ok(WorkerOutcome::Certificate {
+                certificate_pem: "C".into(),
+                not_after_unix: 9,
+            }),
+        };
+        let text = serde_json::to_string(&reply).unwrap();
+        assert_eq!(serde_json::from_str::<WorkerReply>(&text).unwrap(), reply);
     }
 
     #[test]

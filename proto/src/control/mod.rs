@@ -10,6 +10,9 @@
 //! - **one bidirectional stream per request** from control to the worker: control opens it,
 //!   writes one [`Request`] and finishes its side; the worker writes one [`Response`] and
 //!   finishes.
+//! - **one bidirectional stream per worker request** (after the welcome), the other way round:
+//!   the worker opens it, writes one [`WorkerRequest`] (e.g. certificate renewal) and control
+//!   answers one [`WorkerReply`].
 //!
 //! # Why a stream per request and one stream for heartbeats
 //! QUIC streams are cheap and independent: a slow create (a cold boot can take seconds) does not
@@ -38,8 +41,8 @@ pub mod messages;
 pub use codec::{CodecError, JsonCodec};
 pub use messages::{
     Capacity, ControlMessage, CreateSandbox, ErrorKind, Heartbeat, Hello, MetricSample, Operation,
-    Outcome, Request, Response, SandboxReport, Usage, WorkerError, WorkerMessage,
-    WorkerSandboxState,
+    Outcome, Request, Response, SandboxReport, Usage, WorkerError, WorkerMessage, WorkerOperation,
+    WorkerOutcome, WorkerReply, WorkerRequest, WorkerSandboxState,
 };
 
 /// The protocol version this build speaks.

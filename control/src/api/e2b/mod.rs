@@ -6,4 +6,5 @@
 //! lost or killed one does not exist here (404), though it can still be killed.
 
 pub mod routes;
+pub mod snapshots;
 pub mod types;

@@ -33,6 +33,10 @@ async fn create(
         auto_pause: req.auto_pause.unwrap_or(false),
         allow_internet: req.allow_internet_access.unwrap_or(true),
         secure: req.secure.unwrap_or(false),
+        allow_public_traffic: req
+            .network
+            .and_then(|n| n.allow_public_traffic)
+            .unwrap_or(true),
     };
     let sandbox = state
         .sandboxes

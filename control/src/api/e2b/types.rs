@@ -24,6 +24,16 @@ pub struct NewSandbox {
     pub secure: Option<bool>,
     #[serde(rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,
+    pub network: Option<NetworkConfig>,
+}
+
+/// `network` of the create body; egress lists are not enforced yet and ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// `false`: ports other than envd's need the `e2b-traffic-access-token` header with the
+    /// sandbox's `trafficAccessToken` (default true).
+    pub allow_public_traffic: Option<bool>,
 }
 
 /// Body of `POST /sandboxes/{id}/timeout`.
@@ -72,6 +82,9 @@ pub struct E2bSandbox {
     pub envd_version: String,
     pub envd_access_token: Option<String>,
     pub domain: Option<String>,
+    /// Present when the sandbox was created with `network.allowPublicTraffic: false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
 }
 
 /// Response of `GET /sandboxes/{id}` (E2B `SandboxDetail`).
@@ -150,6 +163,7 @@ pub fn sandbox(s: Sandbox, domain: Option<String>) -> E2bSandbox {
         envd_version: s.envd_version,
         envd_access_token: s.envd_access_token,
         domain,
+        traffic_access_token: s.traffic_access_token,
     }
 }
 

@@ -36,6 +36,9 @@ pub struct NewSandbox {
     pub allow_internet: Option<bool>,
     /// Require an access token for the guest daemon (default true).
     pub secure: Option<bool>,
+    /// Ports other than the guest daemon's are open to anyone (default true); when false they
+    /// need the `e2b-traffic-access-token` header with `trafficAccessToken`.
+    pub allow_public_traffic: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -64,6 +67,8 @@ pub struct SandboxView {
     pub started_at: String,
     pub end_at: String,
     pub ended_at: Option<String>,
+    pub allow_public_traffic: bool,
+    pub traffic_access_token: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -105,6 +110,8 @@ pub fn view(s: Sandbox) -> SandboxView {
         started_at: rfc3339(s.started_at),
         end_at: rfc3339(s.end_at),
         ended_at: s.ended_at.map(rfc3339),
+        allow_public_traffic: s.allow_public_traffic,
+        traffic_access_token: s.traffic_access_token,
     }
 }
 
@@ -144,6 +151,7 @@ pub async fn create(
         auto_pause: req.auto_pause,
         allow_internet: req.allow_internet.unwrap_or(true),
         secure: req.secure.unwrap_or(true),
+        allow_public_traffic: req.allow_public_traffic.unwrap_or(true),
     };
     let sandbox = state
         .sandboxes

@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 use crate::api::AppState;
 use crate::api::caller::Caller;
 use crate::api::error::{ApiError, ErrorBody};
-use crate::api::extract::Json;
+use crate::api::extract::{Json, Path};
 use crate::api::time::rfc3339;
 use crate::pki::{ControlCa, PkiError};
 use crate::store::audit::{self, Actor};
@@ -77,6 +77,8 @@ pub struct RegisteredWorker {
     /// Name to verify control's channel certificate against.
     pub server_name: String,
     pub channel_address: String,
+    /// When the certificate expires (RFC 3339); renew it over the channel before then.
+    pub certificate_expires_at: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -84,8 +86,10 @@ pub struct RegisteredWorker {
 pub struct HostInfo {
     pub id: String,
     pub name: String,
-    /// `ready` (connected), `lost` (not connected) or `draining`.
+    /// `ready` (connected) or `lost` (not connected).
     pub state: String,
+    /// No new sandboxes are placed on the host; its sandboxes keep running.
+    pub draining: bool,
     pub cpu_count: i64,
     pub memory_mb: i64,
     pub disk_mb: i64,
@@ -217,6 +221,7 @@ pub async fn register(
             ca_certificate_pem: reg.ca.cert_pem().to_owned(),
             server_name: reg.server_name.clone(),
             channel_address: reg.channel_address.clone(),
+            certificate_expires_at: rfc3339(cert.not_after_unix.saturating_mul(1000)),
         }),
     ))
 }
@@ -230,21 +235,83 @@ pub async fn list_hosts(
 ) -> Result<axum::Json<Vec<HostInfo>>, ApiError> {
     require_platform_admin(&state, &caller).await?;
     let list = hosts::list(state.db()).await?;
-    let view = list
-        .into_iter()
-        .map(|h| HostInfo {
-            templates: serde_json::from_str(&h.templates).unwrap_or_default(),
-            id: h.id,
-            name: h.name,
-            state: h.state,
-            cpu_count: h.cpu_count,
-            memory_mb: h.memory_mb,
-            disk_mb: h.disk_mb,
-            max_sandboxes: h.max_sandboxes,
-            worker_version: h.worker_version,
-            last_heartbeat_at: h.last_heartbeat_at.map(rfc3339),
-            created_at: rfc3339(h.created_at),
-        })
-        .collect();
-    Ok(axum::Json(view))
+    Ok(axum::Json(list.into_iter().map(host_view).collect()))
+}
+
+fn host_view(h: hosts::Host) -> HostInfo {
+    HostInfo {
+        templates: serde_json::from_str(&h.templates).unwrap_or_default(),
+        draining: h.draining != 0,
+        id: h.id,
+        name: h.name,
+        state: h.state,
+        cpu_count: h.cpu_count,
+        memory_mb: h.memory_mb,
+        disk_mb: h.disk_mb,
+        max_sandboxes: h.max_sandboxes,
+        worker_version: h.worker_version,
+        last_heartbeat_at: h.last_heartbeat_at.map(rfc3339),
+        created_at: rfc3339(h.created_at),
+    }
+}
+
+async fn set_draining(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    draining: bool,
+) -> Result<axum::Json<HostInfo>, ApiError> {
+    require_platform_admin(state, caller).await?;
+    if id.is_empty() || id.len() > 128 {
+        return Err(ApiError::bad_request("host id must be 1 to 128 characters"));
+    }
+    if !hosts::set_draining(state.db(), id, draining).await? {
+        return Err(ApiError::not_found("host not found"));
+    }
+    state.sandboxes.placement().set_draining(id, draining);
+    audit::record(
+        state.db().pool(),
+        audit::Event {
+            team_id: None,
+            actor: &caller.actor(),
+            action: if draining {
+                "host.drain"
+            } else {
+                "host.undrain"
+            },
+            target_kind: "host",
+            target_id: Some(id),
+            details: serde_json::json!({}),
+        },
+    )
+    .await?;
+    tracing::info!(host = id, draining, "host drain flag changed");
+    let host = hosts::get(state.db(), id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("host not found"))?;
+    Ok(axum::Json(host_view(host)))
+}
+
+/// Stops new placements on a host; its sandboxes keep running (platform admins only).
+#[utoipa::path(post, path = "/v1/admin/hosts/{host_id}/drain", tag = "workers", security(("bearer" = [])),
+    params(("host_id" = String, Path)),
+    responses((status = 200, body = HostInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn drain_host(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<HostInfo>, ApiError> {
+    set_draining(&state, &caller, &id, true).await
+}
+
+/// Lets a drained host take new sandboxes again (platform admins only).
+#[utoipa::path(post, path = "/v1/admin/hosts/{host_id}/undrain", tag = "workers", security(("bearer" = [])),
+    params(("host_id" = String, Path)),
+    responses((status = 200, body = HostInfo), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn undrain_host(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<HostInfo>, ApiError> {
+    set_draining(&state, &caller, &id, false).await
 }
