@@ -8,5 +8,6 @@
 pub mod cgroup;
 pub mod host_check;
 pub mod jail;
+pub mod template;
 pub mod tunnel;
 pub mod vm_handle;
