@@ -50,8 +50,8 @@ impl ReadyCheck {
                     .await
                     .map_err(|e| e.to_string())?;
                 let mut answer = Vec::new();
-                let read = (&mut stream).take(MAX_ANSWER).read_to_end(&mut answer);
-                tokio::time::timeout(Duration::from_secs(10), read)
+                let mut limited = (&mut stream).take(MAX_ANSWER);
+                tokio::time::timeout(Duration::from_secs(10), limited.read_to_end(&mut answer))
                     .await
                     .map_err(|_| "no answer within 10 s".to_owned())?
                     .map_err(|e| e.to_string())?;
