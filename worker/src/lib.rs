@@ -6,6 +6,7 @@
 //! the `roost-vmm` crate beside this one.
 
 pub mod cgroup;
+pub mod disk;
 pub mod host_check;
 pub mod jail;
 pub mod template;

@@ -68,6 +68,10 @@ pub struct VmRunArgs {
     /// Attach the root filesystem read-only.
     #[arg(long)]
     pub rootfs_ro: bool,
+    /// Copy-on-write overlay file over the root filesystem (created if missing): the guest
+    /// sees a writable disk, its writes go to PATH and the image stays untouched.
+    #[arg(long, value_name = "PATH", conflicts_with = "rootfs_ro")]
+    pub rootfs_overlay: Option<PathBuf>,
     /// Number of vCPUs (1–16).
     #[arg(long, default_value_t = 1)]
     pub cpus: u64,
@@ -133,10 +137,10 @@ fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
         None => index_path(DEFAULT_KERNEL)?,
     };
     // The index's image is the shared cached copy every VM boots from: never attach it
-    // writable.
+    // writable (with an overlay it is only read, so it may be the overlay's base).
     let (rootfs, read_only) = match &args.rootfs {
         Some(path) => (path.clone(), args.rootfs_ro),
-        None => (index_path(DEFAULT_ROOTFS)?, true),
+        None => (index_path(DEFAULT_ROOTFS)?, args.rootfs_overlay.is_none()),
     };
     let mut cmdline = args
         .cmdline
@@ -152,6 +156,7 @@ fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
     config.rootfs = Some(DriveConfig {
         path: rootfs,
         read_only,
+        overlay: args.rootfs_overlay.clone(),
     });
     config.vsock = args.vsock_uds.as_ref().map(|path| VsockDeviceConfig {
         guest_cid: args.vsock_cid,

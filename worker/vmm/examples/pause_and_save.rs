@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     config.rootfs = Some(DriveConfig {
         path: PathBuf::from(rootfs),
         read_only: true,
+        overlay: None,
     });
     config.serial = SerialConfig {
         log_path: Some(log.clone()),

@@ -16,8 +16,13 @@ pub const MAX_MEM_MIB: u64 = 32 << 10;
 /// The root disk (or any virtio-blk disk).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriveConfig {
+    /// The disk image; with `overlay`, the read-only base image.
     pub path: PathBuf,
     pub read_only: bool,
+    /// A copy-on-write overlay file over `path` (created if missing): the guest writes go
+    /// there and `path` is opened read-only. Not combinable with `read_only`.
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
 }
 
 /// The vsock device: the host side is a Unix socket at `uds_path`.
@@ -112,6 +117,12 @@ pub enum ConfigError {
     MulticastMac(String),
     #[error("`{0}` is not a MAC address (six hex bytes separated by `:`)")]
     BadMac(String),
+    #[error("the disk overlay {overlay} makes {base} writable for the guest: drop read-only")]
+    ReadOnlyOverlay { base: PathBuf, overlay: PathBuf },
+    #[error("the disk overlay {0} must be a regular file (it is created if missing)")]
+    OverlayNotAFile(PathBuf),
+    #[error("the disk overlay's directory {0} does not exist")]
+    OverlayDirMissing(PathBuf),
     #[error("the kernel command line is {len} bytes with the device entries; the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -149,6 +160,9 @@ impl VmConfig {
         require_file("kernel", &self.kernel)?;
         if let Some(drive) = &self.rootfs {
             require_disk("root filesystem image", &drive.path)?;
+            if let Some(overlay) = &drive.overlay {
+                check_overlay(drive, overlay)?;
+            }
         }
         if let Some(net) = &self.net {
             check_net(net)?;
@@ -229,6 +243,32 @@ fn require_disk(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// An overlay is a writable regular file or a path to create in an existing directory.
+fn check_overlay(drive: &DriveConfig, overlay: &Path) -> Result<(), ConfigError> {
+    if drive.read_only {
+        return Err(ConfigError::ReadOnlyOverlay {
+            base: drive.path.clone(),
+            overlay: overlay.to_owned(),
+        });
+    }
+    match std::fs::metadata(overlay) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::OverlayNotAFile(overlay.to_owned())),
+        Err(_) => {
+            let dir = match overlay.parent() {
+                Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+                Some(dir) => dir,
+                None => Path::new("/"),
+            };
+            if dir.is_dir() {
+                Ok(())
+            } else {
+                Err(ConfigError::OverlayDirMissing(dir.to_owned()))
+            }
+        }
+    }
+}
+
 fn require_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(()),
@@ -290,6 +330,7 @@ mod tests {
         cfg.rootfs = Some(DriveConfig {
             path: dir.path().join("nope.ext4"),
             read_only: true,
+            overlay: None,
         });
         let err = cfg.validate().unwrap_err();
         assert!(err.to_string().contains("root filesystem image"), "{err}");
@@ -297,6 +338,7 @@ mod tests {
         cfg.rootfs = Some(DriveConfig {
             path: dir.path().to_owned(),
             read_only: false,
+            overlay: None,
         });
         assert!(matches!(cfg.validate(), Err(ConfigError::NotADisk { .. })));
         cfg.rootfs = None;
@@ -354,6 +396,42 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn checks_the_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = valid(dir.path());
+        let base = dir.path().join("base.ext4");
+        std::fs::write(&base, [0u8; 512]).unwrap();
+        let mut drive = DriveConfig {
+            path: base.clone(),
+            read_only: false,
+            overlay: Some(dir.path().join("new.cow")),
+        };
+        cfg.rootfs = Some(drive.clone());
+        assert_eq!(cfg.validate(), Ok(()), "a missing overlay is created");
+        drive.read_only = true;
+        cfg.rootfs = Some(drive.clone());
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::ReadOnlyOverlay { .. })
+        ));
+        drive.read_only = false;
+        drive.overlay = Some(dir.path().to_owned());
+        cfg.rootfs = Some(drive.clone());
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::OverlayNotAFile(_))
+        ));
+        drive.overlay = Some(dir.path().join("absent/x.cow"));
+        cfg.rootfs = Some(drive);
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::OverlayDirMissing(_))
+        ));
+        let old: DriveConfig = serde_json::from_str(r#"{"path":"/b","read_only":true}"#).unwrap();
+        assert_eq!(old.overlay, None, "configs from before overlays still load");
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl DeviceManager {
             let block = virtio::block(virtio::BlockConfig {
                 path: drive.path.clone(),
                 read_only: drive.read_only,
+                overlay: drive.overlay.clone(),
             })
             .map_err(|e| DeviceError::Create("block", Box::new(e)))?;
             self.attach_virtio(vm, memory, cmdline, "block", VirtioHandle::Block(block))?;

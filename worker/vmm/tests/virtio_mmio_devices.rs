@@ -231,6 +231,7 @@ fn block_device_serves_reads_and_refuses_writes_when_read_only() {
     let block = virtio::block(BlockConfig {
         path: image.path().to_owned(),
         read_only: true,
+        overlay: None,
     })
     .unwrap();
     let mut manager = manager_with(block.clone());

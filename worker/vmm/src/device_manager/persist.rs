@@ -211,9 +211,20 @@ fn restore_device(
 fn restore_block(
     state: &BlockState,
 ) -> Result<Arc<Mutex<virtio::Block>>, Box<dyn std::error::Error + Send + Sync>> {
+    if let Some(overlay) = &state.overlay {
+        // Reopening the base writable would write the template image: refuse instead.
+        return Err(format!(
+            "disk {} used overlay {}: restoring overlay disks needs the snapshot's disk \
+             manifest (Block::restore_disk), not wired into restore yet",
+            state.path.display(),
+            overlay.display()
+        )
+        .into());
+    }
     let block = virtio::block(virtio::BlockConfig {
         path: state.path.clone(),
         read_only: state.read_only,
+        overlay: None,
     })?;
     {
         let mut dev = lock(&block);

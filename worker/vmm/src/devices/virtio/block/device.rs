@@ -3,11 +3,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
+use super::backend::Backend;
+use super::layer::{self, DiskLayer, DiskManifest, LayerError};
+use super::overlay::{Overlay, OverlayError};
 use super::request;
 use crate::devices::virtio::device::{ActivateError, Activation, VirtioDevice, read_config_bytes};
 use crate::devices::virtio::lifecycle::DeviceLifecycle;
@@ -25,10 +28,13 @@ const ID_LEN: usize = 20;
 /// How to back a block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
-    /// The raw disk image.
+    /// The raw disk image (with `overlay`: the base image, opened read-only).
     pub path: PathBuf,
     /// Offer the disk read-only (`VIRTIO_BLK_F_RO`) and refuse writes.
     pub read_only: bool,
+    /// A copy-on-write overlay file over `path`: created when missing or empty, reopened
+    /// otherwise. The guest sees a writable disk; `path` is never written.
+    pub overlay: Option<PathBuf>,
 }
 
 /// Why a block device could not be created.
@@ -51,24 +57,50 @@ pub enum BlockError {
     /// The image is smaller than one sector.
     #[error("disk image {path} is empty (smaller than one 512-byte sector)")]
     Empty { path: PathBuf },
+    /// A read-only disk with an overlay makes no sense.
+    #[error("disk image {path}: an overlay disk cannot also be read-only")]
+    ReadOnlyOverlay { path: PathBuf },
+    /// The overlay could not be opened or created.
+    #[error("cannot use the overlay over {path}")]
+    Overlay {
+        path: PathBuf,
+        #[source]
+        source: OverlayError,
+    },
+    /// The overlay could not be recreated from a snapshot's disk layers.
+    #[error("cannot restore the overlay over {path} from the snapshot")]
+    Restore {
+        path: PathBuf,
+        #[source]
+        source: LayerError,
+    },
+    /// A snapshot of a disk with state (a writable raw image) cannot be restored.
+    #[error(
+        "disk image {path}: the snapshot has disk layers but no overlay path was given for them"
+    )]
+    NoOverlayForLayers { path: PathBuf },
     /// The activate eventfd could not be created.
     #[error("cannot create the activate eventfd")]
     EventFd(#[source] std::io::Error),
 }
 
-/// The backing image and what the guest may do with it.
+/// The backing storage and what the guest may do with it.
 #[derive(Debug)]
 pub struct Disk {
-    file: File,
+    backend: Backend,
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_LEN],
 }
 
 impl Disk {
-    /// The image file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// Where the sectors live.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+    /// Where the sectors live, mutably (writes and flushes).
+    pub fn backend_mut(&mut self) -> &mut Backend {
+        &mut self.backend
     }
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
@@ -93,21 +125,30 @@ pub struct Block {
     pub(super) bounce: Vec<u8>,
     pub(super) acked_features: u64,
     pub(super) lifecycle: DeviceLifecycle,
+    /// The disk snapshot layers the overlay's current contents descend from (oldest first);
+    /// empty until the first snapshot or when not restored from one.
+    pub(super) chain: Vec<DiskLayer>,
 }
 
-impl Block {
-    /// Opens the image (read-only when `config.read_only`).
-    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+/// The base (or raw) image, opened, with its size.
+struct Image {
+    file: File,
+    meta: std::fs::Metadata,
+    size: u64,
+}
+
+impl Image {
+    fn open(path: &Path, writable: bool) -> Result<Self, BlockError> {
         let file = OpenOptions::new()
             .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
+            .write(writable)
+            .open(path)
             .map_err(|source| BlockError::Open {
-                path: config.path.clone(),
+                path: path.to_owned(),
                 source,
             })?;
         let meta = file.metadata().map_err(|source| BlockError::Metadata {
-            path: config.path.clone(),
+            path: path.to_owned(),
             source,
         })?;
         // Seeking to the end sizes regular files and block devices alike (a block device's
@@ -115,26 +156,80 @@ impl Block {
         let size = (&file)
             .seek(SeekFrom::End(0))
             .map_err(|source| BlockError::Metadata {
-                path: config.path.clone(),
+                path: path.to_owned(),
                 source,
             })?;
-        let capacity_sectors = size / SECTOR_SIZE;
-        if capacity_sectors == 0 {
+        if size < SECTOR_SIZE {
             return Err(BlockError::Empty {
-                path: config.path.clone(),
+                path: path.to_owned(),
             });
         }
         if size % SECTOR_SIZE != 0 {
             tracing::warn!(
-                path = %config.path.display(),
+                path = %path.display(),
                 "disk image size is not a multiple of 512 bytes; the last partial sector is hidden"
             );
         }
+        Ok(Self { file, meta, size })
+    }
+}
+
+impl Block {
+    /// Opens the image (read-only when `config.read_only` or when it is an overlay's base) and
+    /// the overlay, if configured.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        Self::build(config, None)
+    }
+
+    /// Like [`Block::new`], but recreates the overlay (which must not exist yet) from a
+    /// snapshot's disk layers first. A manifest without layers (a read-only disk) restores as
+    /// a plain [`Block::new`].
+    pub fn restore_disk(config: BlockConfig, manifest: &DiskManifest) -> Result<Self, BlockError> {
+        if manifest.layers.is_empty() {
+            return Self::new(config);
+        }
+        if config.overlay.is_none() {
+            return Err(BlockError::NoOverlayForLayers { path: config.path });
+        }
+        Self::build(config, Some(manifest))
+    }
+
+    fn build(config: BlockConfig, restore: Option<&DiskManifest>) -> Result<Self, BlockError> {
+        if config.overlay.is_some() && config.read_only {
+            return Err(BlockError::ReadOnlyOverlay { path: config.path });
+        }
+        let writable_image = !config.read_only && config.overlay.is_none();
+        let image = Image::open(&config.path, writable_image)?;
+        let id = disk_id(&image.meta);
+        let capacity_sectors = image.size / SECTOR_SIZE;
+        let mut chain = Vec::new();
+        let backend = match (&config.overlay, restore) {
+            (None, _) => Backend::Raw(image.file),
+            (Some(path), None) => Backend::Overlay(
+                Overlay::open(image.file, image.size, path).map_err(|source| {
+                    BlockError::Overlay {
+                        path: config.path.clone(),
+                        source,
+                    }
+                })?,
+            ),
+            (Some(path), Some(manifest)) => {
+                let overlay =
+                    layer::restore(image.file, image.size, manifest, path).map_err(|source| {
+                        BlockError::Restore {
+                            path: config.path.clone(),
+                            source,
+                        }
+                    })?;
+                chain.clone_from(&manifest.layers);
+                Backend::Overlay(overlay)
+            }
+        };
         let disk = Disk {
-            file,
+            backend,
             read_only: config.read_only,
             capacity_sectors,
-            id: disk_id(&meta),
+            id,
         };
         Ok(Self {
             config,
@@ -142,6 +237,7 @@ impl Block {
             bounce: vec![0u8; request::CHUNK],
             acked_features: 0,
             lifecycle: DeviceLifecycle::new().map_err(BlockError::EventFd)?,
+            chain,
         })
     }
 
@@ -161,7 +257,7 @@ impl Block {
         else {
             return;
         };
-        let (disk, bounce) = (&self.disk, &mut self.bounce);
+        let (disk, bounce) = (&mut self.disk, &mut self.bounce);
         drain_queue(&mut queues[0], mem, interrupt, |chain| {
             request::execute(disk, bounce, mem, chain)
         });
@@ -253,6 +349,7 @@ mod tests {
         Block::new(BlockConfig {
             path: path.to_owned(),
             read_only,
+            overlay: None,
         })
         .unwrap()
     }
@@ -337,6 +434,59 @@ mod tests {
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
         run(&mut blk, &mem, &[ro(HDR, 16), wo(STATUS, 1)]);
         assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn overlay_disk_takes_guest_writes_and_keeps_the_base() {
+        let img = image(16);
+        let before = std::fs::read(img.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = BlockConfig {
+            path: img.path().to_owned(),
+            read_only: false,
+            overlay: Some(dir.path().join("disk.cow")),
+        };
+        let mut blk = Block::new(cfg.clone()).unwrap();
+        assert_eq!(blk.capacity_sectors(), 16);
+        assert_eq!(blk.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let mem = guest_memory();
+        mem.write_slice(&[0xcdu8; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 9);
+        run(&mut blk, &mem, &[ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)]);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        run(&mut blk, &mem, &[ro(HDR, 16), wo(STATUS, 1)]);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        drop(blk);
+        assert_eq!(std::fs::read(img.path()).unwrap(), before, "base untouched");
+
+        // Reopened: the write is there, its neighbours still come from the base.
+        let mut blk = Block::new(cfg).unwrap();
+        header(&mem, VIRTIO_BLK_T_IN, 8);
+        run(
+            &mut blk,
+            &mem,
+            &[ro(HDR, 16), wo(DATA, 1536), wo(STATUS, 1)],
+        );
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        let mut data = vec![0u8; 1536];
+        mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data[..512], before[8 * 512..9 * 512]);
+        assert_eq!(data[512..1024], [0xcdu8; 512]);
+        assert_eq!(data[1024..], before[10 * 512..11 * 512]);
+    }
+
+    #[test]
+    fn overlay_disks_cannot_be_read_only() {
+        let img = image(1);
+        let dir = tempfile::tempdir().unwrap();
+        let err = Block::new(BlockConfig {
+            path: img.path().to_owned(),
+            read_only: true,
+            overlay: Some(dir.path().join("x.cow")),
+        })
+        .unwrap_err();
+        assert!(matches!(err, BlockError::ReadOnlyOverlay { .. }), "{err}");
     }
 
     #[test]
@@ -425,6 +575,7 @@ mod tests {
         let err = Block::new(BlockConfig {
             path: "/nonexistent/disk.img".into(),
             read_only: true,
+            overlay: None,
         })
         .unwrap_err();
         assert!(matches!(err, BlockError::Open { .. }), "{err}");
@@ -432,6 +583,7 @@ mod tests {
         let err = Block::new(BlockConfig {
             path: empty.path().to_owned(),
             read_only: false,
+            overlay: None,
         })
         .unwrap_err();
         assert!(matches!(err, BlockError::Empty { .. }), "{err}");

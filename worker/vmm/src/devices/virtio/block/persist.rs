@@ -1,25 +1,52 @@
 //! Snapshot state of the block device: features, queue positions and the backing image
-//! configuration (the image contents are the image file itself).
+//! configuration, plus [`Block::snapshot_disk`], which saves the overlay's contents as a disk
+//! layer (the image contents of a raw disk are the image file itself).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::device::Block;
+use super::layer::{self, DiskManifest, LayerError, LayerKind};
+use super::overlay::CLUSTER_SIZE;
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::persist::VirtioDeviceState;
+
+/// File name of the disk layer in a snapshot directory.
+pub const LAYER_FILE: &str = "disk0.layer";
 
 /// Everything needed to recreate a [`Block`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     /// Feature negotiation and queues.
     pub virtio: VirtioDeviceState,
-    /// The image path.
+    /// The image path (the base image when `overlay` is set).
     pub path: PathBuf,
     /// Whether the disk is read-only.
     pub read_only: bool,
     /// Capacity the guest saw, in 512-byte sectors (a restore must find the same size).
     pub capacity_sectors: u64,
+    /// The overlay file the disk used when saved (informational: a restore gets a new one and
+    /// recreates its contents from the [`DiskManifest`]).
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
+}
+
+/// Why a disk snapshot could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotDiskError {
+    #[error(
+        "disk {0} is a writable raw image: only overlay disks (or read-only disks) can be snapshotted"
+    )]
+    WritableRaw(PathBuf),
+    #[error("cannot flush the overlay {path} before the snapshot")]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the disk layer")]
+    Layer(#[from] LayerError),
 }
 
 impl Block {
@@ -36,6 +63,151 @@ impl Block {
             path: self.config.path.clone(),
             read_only: self.config.read_only,
             capacity_sectors: self.capacity_sectors(),
+            overlay: self.config.overlay.clone(),
         }
+    }
+
+    /// Saves the disk into snapshot directory `dir` (absolute) as `disk0.layer` and returns the
+    /// chain that recreates it. Call while the guest is paused. A diff layer holds the
+    /// clusters written since the previous snapshot of this disk (or the snapshot it was
+    /// restored from); without such a parent a diff is taken as full. A full layer holds every
+    /// cluster the overlay holds. A read-only raw disk has no state: no file, no layers.
+    pub fn snapshot_disk(
+        &mut self,
+        dir: &Path,
+        kind: LayerKind,
+    ) -> Result<DiskManifest, SnapshotDiskError> {
+        let Some(overlay) = self.disk.backend_mut().overlay_mut() else {
+            if self.config.read_only {
+                return Ok(DiskManifest {
+                    virtual_size: self.disk.capacity_bytes(),
+                    cluster_size: CLUSTER_SIZE,
+                    layers: Vec::new(),
+                });
+            }
+            return Err(SnapshotDiskError::WritableRaw(self.config.path.clone()));
+        };
+        overlay.flush().map_err(|source| SnapshotDiskError::Flush {
+            path: overlay.path().to_owned(),
+            source,
+        })?;
+        let kind = if self.chain.is_empty() {
+            LayerKind::Full
+        } else {
+            kind
+        };
+        let clusters: Vec<u64> = match kind {
+            LayerKind::Full => overlay.allocated().ones(),
+            LayerKind::Diff => overlay.dirty().ones(),
+        }
+        .map(|c| c as u64)
+        .collect();
+        let layer = layer::save(overlay, &dir.join(LAYER_FILE), kind, &clusters)?;
+        overlay.clear_dirty();
+        if kind == LayerKind::Full {
+            self.chain.clear();
+        }
+        self.chain.push(layer);
+        Ok(DiskManifest {
+            virtual_size: overlay.geometry().virtual_size,
+            cluster_size: CLUSTER_SIZE,
+            layers: self.chain.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::BlockConfig;
+    use crate::devices::virtio::block::overlay::Overlay;
+
+    fn write(blk: &mut Block, offset: u64, data: &[u8]) {
+        blk.disk.backend_mut().write_at(data, offset).unwrap();
+    }
+
+    fn read_all(blk: &Block) -> Vec<u8> {
+        let mut buf = vec![0u8; usize::try_from(blk.disk.capacity_bytes()).unwrap()];
+        blk.disk.backend().read_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    #[test]
+    fn snapshots_save_full_then_diffs_and_restore_into_a_new_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![7u8; 128 * 1024]).unwrap();
+        let config = |overlay: &str| BlockConfig {
+            path: base.clone(),
+            read_only: false,
+            overlay: Some(dir.path().join(overlay)),
+        };
+        let mut blk = Block::new(config("live.cow")).unwrap();
+        assert_eq!(blk.state().overlay, Some(dir.path().join("live.cow")));
+        write(&mut blk, 0, &[1; 4096]);
+
+        let (s1, s2) = (dir.path().join("s1"), dir.path().join("s2"));
+        std::fs::create_dir_all(&s1).unwrap();
+        std::fs::create_dir_all(&s2).unwrap();
+        // No parent yet: a diff request is taken as full.
+        let m1 = blk.snapshot_disk(&s1, LayerKind::Diff).unwrap();
+        assert_eq!(m1.layers.len(), 1);
+        assert_eq!(m1.layers[0].kind, LayerKind::Full);
+        write(&mut blk, 8192, &[2; 512]);
+        let m2 = blk.snapshot_disk(&s2, LayerKind::Diff).unwrap();
+        assert_eq!(m2.layers.len(), 2);
+        assert_eq!(
+            (m2.layers[1].kind, m2.layers[1].clusters),
+            (LayerKind::Diff, 1)
+        );
+        assert!(s2.join(LAYER_FILE).is_file());
+
+        let restored = Block::restore_disk(config("clone.cow"), &m2).unwrap();
+        assert_eq!(read_all(&restored), read_all(&blk));
+        // The base never changed, and the clone's overlay is its own.
+        assert_eq!(std::fs::read(&base).unwrap(), vec![7u8; 128 * 1024]);
+        let err = Block::restore_disk(config("clone.cow"), &m2).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot restore the overlay"),
+            "{err}"
+        );
+        // The restored disk continues the chain: its next diff holds only new writes.
+        let mut restored = restored;
+        write(&mut restored, 0, &[3; 512]);
+        let s3 = dir.path().join("s3");
+        std::fs::create_dir_all(&s3).unwrap();
+        let m3 = restored.snapshot_disk(&s3, LayerKind::Diff).unwrap();
+        assert_eq!(m3.layers.len(), 3);
+        assert_eq!(m3.layers[2].clusters, 1);
+        let merged = layer::merge(&m3, &dir.path().join("merged.layer")).unwrap();
+        let base_file = std::fs::File::open(&base).unwrap();
+        let ov = layer::restore(base_file, 128 * 1024, &merged, &dir.path().join("m.cow")).unwrap();
+        let mut buf = vec![0u8; 128 * 1024];
+        Overlay::read_at(&ov, &mut buf, 0).unwrap();
+        assert_eq!(buf, read_all(&restored));
+    }
+
+    #[test]
+    fn raw_disks_snapshot_only_when_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![0u8; 8192]).unwrap();
+        let mut ro = Block::new(BlockConfig {
+            path: base.clone(),
+            read_only: true,
+            overlay: None,
+        })
+        .unwrap();
+        let m = ro.snapshot_disk(dir.path(), LayerKind::Full).unwrap();
+        assert!(m.layers.is_empty());
+        assert!(!dir.path().join(LAYER_FILE).exists());
+        let mut rw = Block::new(BlockConfig {
+            path: base,
+            read_only: false,
+            overlay: None,
+        })
+        .unwrap();
+        let err = rw.snapshot_disk(dir.path(), LayerKind::Full).unwrap_err();
+        assert!(matches!(err, SnapshotDiskError::WritableRaw(_)), "{err}");
     }
 }

@@ -4,7 +4,6 @@
 //! device's bounce buffer (allocated once, so steady-state I/O does not allocate).
 
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -45,7 +44,7 @@ impl Status {
 /// Executes the request in `chain`; returns the number of bytes written to the guest (data and
 /// status), the length for the used ring. A malformed chain without a status byte gets 0.
 pub fn execute(
-    disk: &Disk,
+    disk: &mut Disk,
     bounce: &mut [u8],
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
@@ -78,7 +77,7 @@ pub fn execute(
 }
 
 fn serve(
-    disk: &Disk,
+    disk: &mut Disk,
     bounce: &mut [u8],
     reader: &mut Reader<'_>,
     writer: &mut Writer<'_>,
@@ -133,7 +132,7 @@ fn read_sectors(disk: &Disk, buf: &mut [u8], sector: u64, writer: &mut Writer<'_
     let mut remaining = len;
     while remaining > 0 {
         let n = remaining.min(buf.len());
-        if let Err(err) = disk.file().read_exact_at(&mut buf[..n], offset) {
+        if let Err(err) = disk.backend().read_at(&mut buf[..n], offset) {
             tracing::error!(%err, offset, "virtio-blk: image read failed");
             return Status::IoErr;
         }
@@ -147,7 +146,7 @@ fn read_sectors(disk: &Disk, buf: &mut [u8], sector: u64, writer: &mut Writer<'_
     Status::Ok
 }
 
-fn write_sectors(disk: &Disk, buf: &mut [u8], sector: u64, reader: &mut Reader<'_>) -> Status {
+fn write_sectors(disk: &mut Disk, buf: &mut [u8], sector: u64, reader: &mut Reader<'_>) -> Status {
     if disk.read_only() {
         guest_warn!("virtio-blk: write to a read-only disk refused");
         return Status::IoErr;
@@ -163,7 +162,7 @@ fn write_sectors(disk: &Disk, buf: &mut [u8], sector: u64, reader: &mut Reader<'
             guest_warn!(%err, "virtio-blk: cannot read guest memory");
             return Status::IoErr;
         }
-        if let Err(err) = disk.file().write_all_at(&buf[..n], offset) {
+        if let Err(err) = disk.backend_mut().write_at(&buf[..n], offset) {
             tracing::error!(%err, offset, "virtio-blk: image write failed");
             return Status::IoErr;
         }
@@ -173,11 +172,11 @@ fn write_sectors(disk: &Disk, buf: &mut [u8], sector: u64, reader: &mut Reader<'
     Status::Ok
 }
 
-fn flush(disk: &Disk) -> Status {
+fn flush(disk: &mut Disk) -> Status {
     if disk.read_only() {
         return Status::Ok;
     }
-    match disk.file().sync_data() {
+    match disk.backend_mut().flush() {
         Ok(()) => Status::Ok,
         Err(err) => {
             tracing::error!(%err, "virtio-blk: image flush failed");
