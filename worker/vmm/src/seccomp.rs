@@ -191,6 +191,16 @@ const API_EXTRA: &[i64] = &[
     libc::SYS_copy_file_range,
     libc::SYS_sendfile,
     libc::SYS_mincore,
+    libc::SYS_msync,
+    libc::SYS_fadvise64,
+    libc::SYS_flock,
+    libc::SYS_link,
+    libc::SYS_linkat,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_getcwd,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
 ];
 
 /// Which thread a filter is for.
@@ -354,8 +364,16 @@ mod tests {
         }
         assert!(rules.contains_key(&libc::SYS_openat));
         assert_eq!(rules[&libc::SYS_ioctl].len(), 5, "4 KVM_GET_* and FIONBIO");
-        assert_eq!(kvm_vm_get::KVM_GET_CLOCK(), 0x8030_ae7c, "matches <linux/kvm.h>");
-        assert_eq!(kvm_vm_get::KVM_GET_DIRTY_LOG(), 0x4010_ae42, "matches <linux/kvm.h>");
+        assert_eq!(
+            kvm_vm_get::KVM_GET_CLOCK(),
+            0x8030_ae7c,
+            "matches <linux/kvm.h>"
+        );
+        assert_eq!(
+            kvm_vm_get::KVM_GET_DIRTY_LOG(),
+            0x4010_ae42,
+            "matches <linux/kvm.h>"
+        );
     }
 
     #[test]

@@ -309,11 +309,9 @@ pub fn run(mut vcpu: Vcpu, shared: &VcpuShared) {
     let mut io_pending = false;
     loop {
         if shared.control.state() != RunState::Running {
-            if io_pending {
-                if let Some(exit) = complete_pending_io(&mut vcpu, shared) {
-                    shared.exits.request(exit);
-                    return;
-                }
+            if io_pending && let Some(exit) = complete_pending_io(&mut vcpu, shared) {
+                shared.exits.request(exit);
+                return;
             }
             let fd = &vcpu.fd;
             let mut save =

@@ -116,22 +116,22 @@ pub fn build_with(config: &VmConfig, dirty_logging: bool) -> Result<BuiltVm, Vmm
     let mut devices = DeviceManager::new()?;
     devices.attach_legacy(&vm, config, &exits)?;
     let mut cmdline = boot::cmdline(&config.cmdline)?;
-    devices.attach_virtio_devices(&vm, &memory, config, &mut cmdline)?;
+    devices.attach_virtio_devices(&vm, memory, config, &mut cmdline)?;
 
     let cmdline_text = cmdline
         .as_cstring()
         .map_err(|e| VmmError::Boot(BootError::Cmdline(e)))?
         .to_string_lossy()
         .into_owned();
-    regs::write_boot_structures(&memory).map_err(VmmError::BootStructures)?;
-    mptable::write(&memory, layout::MPTABLE_START, config.vcpus)?;
-    boot::write_boot_params(&memory, config.mem_bytes(), &cmdline)?;
+    regs::write_boot_structures(memory).map_err(VmmError::BootStructures)?;
+    mptable::write(memory, layout::MPTABLE_START, config.vcpus)?;
+    boot::write_boot_params(memory, config.mem_bytes(), &cmdline)?;
     let mut kernel = File::open(&config.kernel).map_err(|source| BootError::OpenKernel {
         path: config.kernel.clone(),
         source,
     })?;
     let before_kernel = started.elapsed();
-    let entry = boot::load_kernel(&memory, &mut kernel)?;
+    let entry = boot::load_kernel(memory, &mut kernel)?;
     let before_vcpus = started.elapsed();
     let msr_indices = msr_indices(&vm)?;
     let vcpus = (0..config.vcpus)
