@@ -127,8 +127,8 @@ mod tests {
         let saved = dev.save();
         let json = serde_json::to_string(&saved).unwrap();
         let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
-        let mut restored = SerialDevice::restore(SerialRestoreArgs { irq, sink: sink() }, &back)
-            .unwrap();
+        let mut restored =
+            SerialDevice::restore(SerialRestoreArgs { irq, sink: sink() }, &back).unwrap();
         let mut b = [0u8];
         restored.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
