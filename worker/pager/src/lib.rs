@@ -9,11 +9,11 @@
 //! - [`chain`]: opening and reading a chain, with per-page checksums.
 //! - [`writer`]: writing a full or diff generation.
 //! - [`merge`]: collapsing a chain deeper than a configured depth into one generation.
-
+//! - [`server`]: the userfaultfd page server, its handshake with the VMM, working sets.
 pub mod chain;
 pub mod format;
 pub mod merge;
-
+pub mod server;
 pub mod writer;
 
 pub use chain::{Chain, ChainError, HEADER_FILE};

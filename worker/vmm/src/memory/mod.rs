@@ -15,8 +15,10 @@ pub mod pagemap;
 pub mod snapshot;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use roost_pager::server::{ClientError, PagerLink, RamRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -34,6 +36,13 @@ pub enum MemoryError {
     /// mmap of the regions failed (usually: not enough address space or overcommit refused).
     #[error("could not map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// The page server did not take the VM's memory.
+    #[error("could not hand guest memory to the page server at {socket}")]
+    Pager {
+        socket: PathBuf,
+        #[source]
+        source: ClientError,
+    },
     /// A snapshot's memory could not be mapped.
     #[error("could not restore guest memory from the snapshot in {dir}")]
     Restore {
@@ -52,7 +61,17 @@ pub enum MemoryBackend {
     /// newer generations' pages copied in. `header_sha256` must match the chain's header (from
     /// the snapshot's [`snapshot::MemoryManifest`]), so a state file never meets foreign memory.
     MapPrivate { dir: PathBuf, header_sha256: String },
+    /// Anonymous memory registered with a userfaultfd that is handed to the `roost-pager serve`
+    /// process listening at `socket`, which fills pages from the chain with header
+    /// `header_sha256` as the guest touches them.
+    Uffd {
+        socket: PathBuf,
+        header_sha256: String,
+    },
 }
+
+/// How long the page server may take to accept the VM's memory.
+const PAGER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the VMM process's own writes into guest RAM can be told apart from untouched pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +81,9 @@ pub enum Backing {
     /// A private file mapping: pages written since the mapping are anonymous copies, the rest
     /// are still the file's page-cache pages.
     PrivateFile,
+    /// Anonymous memory filled by a page server: a page not present may still hold data (in
+    /// the chain); a present page may have been written.
+    Uffd,
 }
 
 /// Guest RAM: the mapped regions plus what the snapshot code needs to know about them.
@@ -72,6 +94,8 @@ pub struct GuestRam {
     size: u64,
     /// `/proc/self/pagemap`, opened before seccomp; `None` makes every diff save every page.
     pagemap: Option<pagemap::Pagemap>,
+    /// The page server link of a userfaultfd backend (kept for the VM's life).
+    pager: Option<PagerLink>,
 }
 
 impl GuestRam {
@@ -87,6 +111,25 @@ impl GuestRam {
 
     pub fn backing(&self) -> Backing {
         self.backing
+    }
+
+    /// With a userfaultfd backend: starts the watchdog that calls `on_lost` (with the reason)
+    /// when the page server dies or fails, then, if the process is still alive after
+    /// `grace`, exits it with `exit_code` (vCPU threads blocked in faults cannot be joined).
+    /// Call from a thread without a seccomp filter. Returns false for other backends.
+    pub fn watch_pager(
+        &self,
+        on_lost: impl FnOnce(String) + Send + 'static,
+        grace: Duration,
+        exit_code: i32,
+    ) -> std::io::Result<bool> {
+        match &self.pager {
+            Some(link) => {
+                link.watch(move |lost| on_lost(lost.message), Some((grace, exit_code)))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 
@@ -120,6 +163,7 @@ pub fn create(size: u64, backend: &MemoryBackend) -> Result<GuestRam, MemoryErro
             backing: Backing::Anonymous,
             size,
             pagemap: open_pagemap(),
+            pager: None,
         }),
         MemoryBackend::MapPrivate { dir, header_sha256 } => {
             let memory = mapped::map_chain(dir, header_sha256, &host_regions(size)?, size)
@@ -132,6 +176,44 @@ pub fn create(size: u64, backend: &MemoryBackend) -> Result<GuestRam, MemoryErro
                 backing: Backing::PrivateFile,
                 size,
                 pagemap: open_pagemap(),
+                pager: None,
+            })
+        }
+        MemoryBackend::Uffd {
+            socket,
+            header_sha256,
+        } => {
+            let memory = create_anonymous(size)?;
+            let mut chain_offset = 0u64;
+            let regions: Vec<RamRegion> = memory
+                .iter()
+                .map(|r| {
+                    let region = RamRegion {
+                        host: r.as_ptr(),
+                        len: usize::try_from(r.len()).unwrap_or(usize::MAX),
+                        chain_offset,
+                    };
+                    chain_offset += r.len();
+                    region
+                })
+                .collect();
+            let link = PagerLink::connect(
+                socket,
+                &regions,
+                PAGE_SIZE_U32,
+                header_sha256,
+                PAGER_HANDSHAKE_TIMEOUT,
+            )
+            .map_err(|source| MemoryError::Pager {
+                socket: socket.clone(),
+                source,
+            })?;
+            Ok(GuestRam {
+                memory,
+                backing: Backing::Uffd,
+                size,
+                pagemap: open_pagemap(),
+                pager: Some(link),
             })
         }
     }

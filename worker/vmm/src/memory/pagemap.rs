@@ -54,7 +54,7 @@ impl Pagemap {
 /// memory of kind `backing` was created.
 pub fn maybe_written(entry: u64, backing: Backing) -> bool {
     match backing {
-        Backing::Anonymous => entry & (PRESENT | SWAPPED) != 0,
+        Backing::Anonymous | Backing::Uffd => entry & (PRESENT | SWAPPED) != 0,
         Backing::PrivateFile => {
             entry & SWAPPED != 0 || (entry & PRESENT != 0 && entry & FILE_OR_SHARED == 0)
         }

@@ -64,6 +64,9 @@ impl Default for SaveOptions {
 pub enum RestoreChoice {
     /// Map the memory file `MAP_PRIVATE` (clones share the page cache).
     Map,
+    /// Let the `roost-pager serve --snapshot DIR --socket SOCKET` process fill memory on
+    /// demand (it must be listening before the VM is built).
+    Uffd { socket: PathBuf },
 }
 
 /// Why guest memory could not be saved.
@@ -171,6 +174,10 @@ pub fn restore_backend(
             dir: dir.to_owned(),
             header_sha256: manifest.header_sha256.clone(),
         },
+        RestoreChoice::Uffd { socket } => MemoryBackend::Uffd {
+            socket: socket.clone(),
+            header_sha256: manifest.header_sha256.clone(),
+        },
     }
 }
 
@@ -213,9 +220,9 @@ fn copy_pages(
                                 .and_then(|w| bits.get(w))
                                 .is_some_and(|w| w & (1 << (page % 64)) != 0)
                     }
-                    // A full save: anonymous pages never touched are zero; file pages may hold
-                    // data even when not present.
-                    None => by_process || ram.backing() == super::Backing::PrivateFile,
+                    // A full save: anonymous pages never touched are zero; file pages and pages
+                    // a page server has yet to fill may hold data even when not present.
+                    None => by_process || ram.backing() != super::Backing::Anonymous,
                 }
             };
             if (0..n).any(wanted) {

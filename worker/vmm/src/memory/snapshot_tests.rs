@@ -159,3 +159,49 @@ fn a_diff_without_dirty_logging_is_refused() {
     .unwrap_err();
     assert!(matches!(err, super::snapshot::SaveError::NoDirtyLog));
 }
+
+#[test]
+fn a_page_server_restores_the_same_memory_and_a_diff_of_it_keeps_every_page() {
+    let root = tempfile::tempdir().unwrap();
+    let full = root.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    let ram = create(SIZE, &MemoryBackend::Anonymous).unwrap();
+    fill(&ram, 3, 0x33);
+    fill(&ram, 1000, 0x44);
+    let m =
+        save_with_dirty_log(&ram, None, &full, SaveKind::Full, &SaveOptions::default()).unwrap();
+    let socket = root.path().join("pager.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let chain_dir = full.clone();
+    let server = std::thread::spawn(move || {
+        let chain = roost_pager::Chain::open(&chain_dir).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        roost_pager::server::serve(&chain, stream, &Default::default()).unwrap()
+    });
+    let choice = RestoreChoice::Uffd {
+        socket: socket.clone(),
+    };
+    let served = create(SIZE, &restore_backend(&m, &full, &choice)).unwrap();
+    assert_eq!(served.backing(), super::Backing::Uffd);
+    fill(&served, 5, 0x55);
+    let expected = contents(&served);
+    assert_eq!(expected, {
+        fill(&ram, 5, 0x55);
+        contents(&ram)
+    });
+    // A diff of page-server memory with an empty KVM log still holds the VMM's write.
+    let diff = root.path().join("diff");
+    std::fs::create_dir(&diff).unwrap();
+    let dm = save_with_dirty_log(
+        &served,
+        Some(&bitmap(&[])),
+        &diff,
+        SaveKind::Diff { parent: &full },
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    drop(served);
+    let summary = server.join().unwrap();
+    assert!(summary.faults > 0);
+    assert_eq!(contents(&restore(&diff, &dm)), expected);
+}
