@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use roost_control::api::internal::InternalToken;
 use roost_control::auth::password::HashCost;
 use roost_control::server::{self, AdminOutcome, Server, ServerConfig};
 
@@ -75,6 +76,16 @@ pub struct ServeControlArgs {
     /// ROOST_ADMIN_PASSWORD, or generated and printed once).
     #[arg(long, value_name = "EMAIL")]
     bootstrap_admin: Option<String>,
+    /// How often the reaper enforces sandbox timeouts (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    reaper_interval: Duration,
+    /// Token the gateway presents on /internal/v1 (≥ 32 characters; only its SHA-256 is kept).
+    /// Without it (or --internal-token-sha256) the internal API is disabled.
+    #[arg(long, env = "ROOST_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
+    /// The SHA-256 (hex) of the gateway's token, so the token itself need not be on this host.
+    #[arg(long, conflicts_with = "internal_token")]
+    internal_token_sha256: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -162,6 +173,14 @@ async fn serve_control(args: ServeControlArgs) -> Result<i32> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.host_lost_after = args.host_lost_after;
     config.session_secret_file = args.jwt_secret_file;
+    config.reaper_interval = args.reaper_interval;
+    config.internal_token = match (&args.internal_token, &args.internal_token_sha256) {
+        (Some(token), _) => Some(InternalToken::from_secret(token).context("--internal-token")?),
+        (None, Some(hash)) => {
+            Some(InternalToken::from_sha256_hex(hash).context("--internal-token-sha256")?)
+        }
+        (None, None) => None,
+    };
     let shutdown = shutdown_signal().await?;
     let server = Server::start(config).await?;
     if let Some(email) = &args.bootstrap_admin {

@@ -399,7 +399,10 @@ async fn join_worker_and_tenant(http: &Http, control: &Control) -> Joined {
 
 /// The whole operator path on one running binary; returns after a clean SIGTERM.
 async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
-    let control = Control::start(data_dir, extra).unwrap_or_else(|e| panic!("{e}"));
+    const GATEWAY_TOKEN: &str = "gateway-token-0123456789abcdef0123";
+    let mut args = vec!["--internal-token", GATEWAY_TOKEN];
+    args.extend_from_slice(extra);
+    let control = Control::start(data_dir, &args).unwrap_or_else(|e| panic!("{e}"));
     let http = Http::new();
     wait_healthy(&http, &control).await;
     let (status, doc) = http
@@ -407,6 +410,7 @@ async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
         .await;
     assert_eq!(status, 200);
     assert!(doc["paths"]["/v2/sandboxes"].is_object());
+    assert!(doc["paths"]["/health"]["get"].is_object());
 
     let Joined {
         session,
@@ -437,6 +441,15 @@ async fn smoke(data_dir: &std::path::Path, extra: &[&str]) {
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["hostId"], worker_id.as_str());
     assert_eq!(info["state"], "running");
+    // The gateway's route lookup, with the token given on the command line.
+    let route = control.url(&format!("/internal/v1/routes/{id}"));
+    let (status, body) = http
+        .call("GET", &route, Auth::Jwt(GATEWAY_TOKEN), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["worker_id"], worker_id.as_str());
+    let (status, body) = http.call("GET", &route, Auth::Jwt(&key), None).await;
+    assert_eq!(status, 401, "{body}");
 
     let (status, body) = http
         .call(
@@ -766,6 +779,14 @@ fn refuses_unreachable_redis_and_inconsistent_timings() {
         .err()
         .expect("unknown unit refused");
     assert!(err.contains("unknown unit"), "{err}");
+    let err = Control::start(dir.path(), &["--reaper-interval", "0s"])
+        .err()
+        .expect("a zero reaper interval is refused");
+    assert!(err.contains("reaper interval must be positive"), "{err}");
+    let err = Control::start(dir.path(), &["--internal-token", "short"])
+        .err()
+        .expect("a short internal token is refused");
+    assert!(err.contains("at least 32 characters"), "{err}");
 }
 
 /// Polls `GET /v1/sandboxes/{id}` until its state is `want`, for at most `within`.
@@ -806,7 +827,14 @@ async fn reaper_and_lost_host_sweep_run() {
     let dir = tempfile::tempdir().unwrap();
     let control = Control::start(
         dir.path(),
-        &["--heartbeat-interval", "100ms", "--host-lost-after", "1s"],
+        &[
+            "--heartbeat-interval",
+            "100ms",
+            "--host-lost-after",
+            "1s",
+            "--reaper-interval",
+            "200ms",
+        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let http = Http::new();
@@ -829,7 +857,7 @@ async fn reaper_and_lost_host_sweep_run() {
             created["sandboxID"].as_str().unwrap().to_owned()
         }
     };
-    // Reaper (every 5 s): a 1 s timeout ends in a kill on the worker.
+    // Reaper (every 200 ms): a 1 s timeout ends in a kill on the worker.
     let short = create(1).await;
     let long = create(600).await;
     wait_for_state(
