@@ -373,17 +373,14 @@ mod tests {
         for s in changed {
             assert_ne!(s.cache_key().unwrap(), key, "{s:?}");
         }
-        std::fs::write(dir.path().join("roost"), b"vmm v2").unwrap();
-        assert_ne!(
-            spec(dir.path()).cache_key().unwrap(),
-            key,
-            "a new VMM binary"
-        );
         // Where things are does not matter, only what they are.
         let mut moved = base.clone();
         moved.runtime_root = "/elsewhere".into();
         moved.ready_timeout = Duration::from_secs(1);
         assert_eq!(moved.cache_key().unwrap(), key);
+        let new_vmm = spec(dir.path());
+        std::fs::write(dir.path().join("roost"), b"vmm v2").unwrap();
+        assert_ne!(new_vmm.cache_key().unwrap(), key, "a new VMM binary");
     }
 
     #[test]
