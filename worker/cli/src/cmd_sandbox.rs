@@ -1,7 +1,9 @@
 //! `roost sandbox run`: boot a microVM from the artefact index through the worker's
-//! [`VmHandle`], run one command in it through the agent (stdout/stderr streamed), shut the VM
-//! down and exit with the command's status. For manual use and for testing the worker's VM
-//! life cycle inside the host VM.
+//! [`VmHandle`] — or restore it from a template snapshot (`--template base --id ID`, which
+//! hands the clone its own identity: id, hostname, env, token, entropy, clock) — run one
+//! command in it through the agent (stdout/stderr streamed), shut the VM down and exit with the
+//! command's status. For manual use and for testing the worker's VM life cycle inside the host
+//! VM.
 //!
 //! Exit status: the command's (128+N when a signal N ended it); **1** when the sandbox failed
 //! (boot, VMM gone mid-command, agent unreachable; the reason and the console tail are printed).
@@ -11,11 +13,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use roost_agent_client::IdentityRequest;
 use roost_agent_client::{ExecEvent, exec_argv};
 use roost_images::{ArtefactIndex, Cache};
+use roost_worker::template::{self, TemplateName};
 use roost_worker::vm_handle::{
-    RootfsMode, SeccompMode, VmHandle, VmHandleConfig, VmmExit, default_runtime_root,
-    ensure_runtime_root,
+    RestoreConfig, RootfsMode, SeccompMode, VmHandle, VmHandleConfig, VmmExit,
+    default_runtime_root, ensure_runtime_root,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -62,6 +66,27 @@ pub struct SandboxRunArgs {
     /// Guest image from the artefact index (`rootfs-<IMAGE>`).
     #[arg(long, default_value = "base")]
     pub image: String,
+    /// Restore from this template snapshot (`roost templates build`) instead of booting.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["rootfs", "kernel", "writable", "append"])]
+    pub template: Option<TemplateName>,
+    /// The restored sandbox's id (with --template) [default: sb-<pid>].
+    #[arg(long, value_name = "ID", requires = "template")]
+    pub id: Option<String>,
+    /// The restored sandbox's hostname (with --template) [default: its id].
+    #[arg(long, value_name = "NAME", requires = "template")]
+    pub hostname: Option<String>,
+    /// Environment variable for the restored sandbox's processes (with --template; repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env, requires = "template")]
+    pub env: Vec<(String, String)>,
+    /// Access token envd and the code interpreter require afterwards (with --template); read
+    /// from the environment so that it stays out of `ps`.
+    #[arg(
+        long,
+        env = "ROOST_SANDBOX_ACCESS_TOKEN",
+        hide_env_values = true,
+        requires = "template"
+    )]
+    pub access_token: Option<String>,
     /// Root filesystem image file instead of --image.
     #[arg(long, value_name = "PATH", conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
@@ -109,6 +134,23 @@ pub enum SeccompArg {
     Off,
 }
 
+impl SeccompArg {
+    pub fn mode(self) -> SeccompMode {
+        match self {
+            Self::Enforce => SeccompMode::Enforce,
+            Self::Log => SeccompMode::Log,
+            Self::Off => SeccompMode::Off,
+        }
+    }
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
+}
+
 fn parse_forward(text: &str) -> Result<(u16, u16), String> {
     let (host, guest) = text
         .split_once(':')
@@ -117,13 +159,52 @@ fn parse_forward(text: &str) -> Result<(u16, u16), String> {
     Ok((port(host)?, port(guest)?))
 }
 
+/// How the sandbox comes up.
+enum Start {
+    Boot(VmHandleConfig),
+    Restore(RestoreConfig, Box<IdentityRequest>),
+}
+
 pub fn run(args: SandboxRunArgs) -> anyhow::Result<i32> {
-    let config = config_from(&args)?;
+    let start = match args.template {
+        Some(name) => restore_from(&args, name)?,
+        None => Start::Boot(config_from(&args)?),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_sandbox(args, config))
+    runtime.block_on(run_sandbox(args, start))
+}
+
+/// The template's snapshot and the clone's identity.
+fn restore_from(args: &SandboxRunArgs, name: TemplateName) -> anyhow::Result<Start> {
+    let cache = Cache::from_env().context("no artefact cache")?;
+    let template = template::lookup(&ArtefactIndex::new(&cache), name).with_context(|| {
+        format!("no `{name}` template: run `roost templates build --image {name}`")
+    })?;
+    let root = args
+        .runtime_root
+        .clone()
+        .unwrap_or_else(default_runtime_root);
+    ensure_runtime_root(&root)?;
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("sb-{}", std::process::id()));
+    let hostname = args.hostname.clone().unwrap_or_else(|| id.clone());
+    let mut identity = IdentityRequest::new(id, hostname)
+        .context("cannot read entropy from the host's getrandom")?;
+    identity.env_vars = args.env.iter().cloned().collect();
+    identity.access_token = args.access_token.clone();
+    let mut config = RestoreConfig::new(
+        template.snapshot_dir,
+        root.join(format!("sandbox-{}", std::process::id())),
+    );
+    config.ready_timeout = Duration::from_secs(args.ready_timeout);
+    config.seccomp = args.seccomp.mode();
+    config.validate().context("invalid sandbox configuration")?;
+    Ok(Start::Restore(config, Box::new(identity)))
 }
 
 fn config_from(args: &SandboxRunArgs) -> anyhow::Result<VmHandleConfig> {
@@ -161,20 +242,22 @@ fn config_from(args: &SandboxRunArgs) -> anyhow::Result<VmHandleConfig> {
     config.mem_mib = args.mem;
     config.cmdline_extra = args.append.clone();
     config.ready_timeout = Duration::from_secs(args.ready_timeout);
-    config.seccomp = match args.seccomp {
-        SeccompArg::Enforce => SeccompMode::Enforce,
-        SeccompArg::Log => SeccompMode::Log,
-        SeccompArg::Off => SeccompMode::Off,
-    };
+    config.seccomp = args.seccomp.mode();
     config.validate().context("invalid sandbox configuration")?;
     Ok(config)
 }
 
-async fn run_sandbox(args: SandboxRunArgs, config: VmHandleConfig) -> anyhow::Result<i32> {
+async fn run_sandbox(args: SandboxRunArgs, start: Start) -> anyhow::Result<i32> {
     let mut stops = StopSignals::install()?;
-    let vm = tokio::select! {
-        vm = VmHandle::boot(config) => vm.context("the sandbox did not boot")?,
-        stop = stops.next() => bail!("stopped by {stop:?} while the sandbox booted"),
+    let vm = match start {
+        Start::Boot(config) => tokio::select! {
+            vm = VmHandle::boot(config) => vm.context("the sandbox did not boot")?,
+            stop = stops.next() => bail!("stopped by {stop:?} while the sandbox booted"),
+        },
+        Start::Restore(config, identity) => tokio::select! {
+            vm = VmHandle::restore(config, &identity) => vm.context("the sandbox did not restore")?,
+            stop = stops.next() => bail!("stopped by {stop:?} while the sandbox restored"),
+        },
     };
     eprintln!(
         "roost: sandbox ready in {} ms (agent {} on {})",
@@ -291,6 +374,14 @@ async fn run_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_specs_parse() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_env("A="), Ok(("A".into(), String::new())));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("A").is_err());
+    }
 
     #[test]
     fn forward_specs_parse() {

@@ -10,6 +10,7 @@ mod cmd_hostvm;
 mod cmd_images;
 mod cmd_sandbox;
 mod cmd_serve;
+mod cmd_templates;
 mod cmd_vm;
 mod cmd_vm_api;
 
@@ -54,6 +55,9 @@ enum Command {
     /// Run commands in a sandbox microVM through the worker's VM handle and the in-guest agent.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Build and list template snapshots (booted, agent-ready VMs that sandboxes restore from).
+    #[command(subcommand)]
+    Templates(cmd_templates::TemplatesCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
         Command::Vm(VmCommand::Api(args)) => cmd_vm_api::run(args),
         Command::Sandbox(SandboxCommand::Run(args)) => cmd_sandbox::run(args),
+        Command::Templates(command) => cmd_templates::run(command),
         Command::Serve(command) => cmd_serve::run_serve(command),
         Command::Control(command) => cmd_serve::run_control(command),
     };
