@@ -8,5 +8,6 @@ pub mod control;
 pub mod gateway;
 pub mod guest_boot;
 pub mod hostvm;
+pub mod net;
 pub mod stats;
 pub mod vmm_boot;

@@ -9,6 +9,7 @@ use roost_bench::agent::AgentBench;
 use roost_bench::control::{ControlBench, PlacementKind};
 use roost_bench::guest_boot::{Accel, GuestImages, QemuMicrovm};
 use roost_bench::hostvm::HostVmBench;
+use roost_bench::net::NetBench;
 use roost_bench::stats;
 use roost_bench::vmm_boot::RoostVmm;
 
@@ -38,6 +39,9 @@ enum Scenario {
     /// or over the QUIC channel): `POST /v2/sandboxes` latency and `GET /v2/sandboxes`
     /// requests/s, on SQLite and PostgreSQL.
     Control(ControlArgs),
+    /// Sandbox networking (root; the throughput part needs KVM, so run it in the host VM):
+    /// hand-out from the pool vs fresh, and guest → host TCP through tap + NAT vs loopback.
+    Net(NetArgs),
     /// The same HTTP backend on loopback reached directly, through nginx as a reverse proxy and
     /// through the Roost gateway + QUIC tunnel: requests/s and p50/p99 latency of each.
     Gateway(GatewayArgs),
@@ -103,6 +107,25 @@ struct ControlArgs {
     /// or both.
     #[arg(long, value_enum, default_value = "both")]
     placement: ControlPlacement,
+    /// Print only the JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct NetArgs {
+    /// Hand-outs of each kind (the medians are reported).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    runs: u32,
+    /// MiB per throughput transfer.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    mib: u64,
+    /// Throughput transfers each way (0 skips the part that boots a VM).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    transfers: u32,
+    /// The roost binary [default: next to roost-bench].
+    #[arg(long)]
+    roost: Option<std::path::PathBuf>,
     /// Print only the JSON report on stdout.
     #[arg(long)]
     json: bool,
@@ -203,6 +226,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Boot(args) => boot(args),
         Scenario::Agent(args) => agent(args),
         Scenario::Control(args) => control(args),
+        Scenario::Net(args) => net(args),
         Scenario::Gateway(args) => gateway(args),
     }
 }
@@ -391,6 +415,38 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let mut json = serde_json::to_value(&report)?;
     json["scenario"] = "agent".into();
+    println!("{json}");
+    Ok(())
+}
+
+fn net(args: NetArgs) -> anyhow::Result<()> {
+    let bench = NetBench {
+        runs: usize::try_from(args.runs)?,
+        mib: args.mib,
+        transfers: usize::try_from(args.transfers)?,
+        roost: match args.roost {
+            Some(path) => path,
+            None => NetBench::default_roost()?,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(bench.run())?;
+    if !args.json {
+        eprintln!(
+            "hand-out: pool {:.1} ms, fresh {:.1} ms (x{:.1}); throughput: tap+NAT {:?} MiB/s, loopback {:?} MiB/s",
+            report.pool_ms_p50,
+            report.fresh_ms_p50,
+            report.fresh_over_pool,
+            report.tap_nat_mib_s_p50,
+            report.loopback_mib_s_p50
+        );
+    }
+    let mut json = serde_json::to_value(&report)?;
+    json["scenario"] = "net".into();
     println!("{json}");
     Ok(())
 }

@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use roost_images::{ArtefactIndex, Cache};
 use roost_vmm::api::ApiListener;
 use roost_vmm::config::{DriveConfig, SeccompMode, SerialConfig, VsockDeviceConfig, vcpus_from};
+use roost_vmm::config::{NetDeviceConfig, NetTap, parse_mac};
 use roost_vmm::memory::snapshot::RestoreChoice;
 use roost_vmm::{BuiltVm, RestoreOptions, VmConfig, VmExit};
 use roost_worker::host_check::{Check, HostProbe, Status};
@@ -90,6 +91,21 @@ pub struct VmRunArgs {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     pub vsock_cid: u32,
+    /// Attach a virtio-net device to this tap, which must exist in this process's network
+    /// namespace (`roost net run` makes one and sets ROOST_VM_NET_TAP for its command).
+    #[arg(long, value_name = "NAME", env = "ROOST_VM_NET_TAP")]
+    pub net_tap: Option<String>,
+    /// Attach a virtio-net device to this inherited, already attached tap fd.
+    #[arg(long, value_name = "FD", conflicts_with = "net_tap")]
+    pub net_tap_fd: Option<i32>,
+    /// The guest's MAC on the network device.
+    #[arg(
+        long,
+        value_name = "MAC",
+        env = "ROOST_VM_NET_MAC",
+        default_value = "06:00:a9:fe:00:02"
+    )]
+    pub net_mac: String,
     /// Write the serial console to this file.
     #[arg(long, value_name = "PATH")]
     pub serial_log: Option<PathBuf>,
@@ -162,6 +178,18 @@ fn config(args: &VmRunArgs) -> anyhow::Result<VmConfig> {
         guest_cid: args.vsock_cid,
         uds_path: path.clone(),
     });
+    let net_tap = match (&args.net_tap, args.net_tap_fd) {
+        (_, Some(fd)) => Some(NetTap::Fd(fd)),
+        (Some(name), None) => Some(NetTap::Name(name.clone())),
+        (None, None) => None,
+    };
+    config.net = match net_tap {
+        Some(tap) => Some(NetDeviceConfig {
+            tap,
+            mac: parse_mac(&args.net_mac)?,
+        }),
+        None => None,
+    };
     config.serial = serial_config(args);
     config.seccomp = seccomp_mode(args.seccomp);
     config.validate()?;
