@@ -8,6 +8,7 @@ mod cmd_doctor;
 mod cmd_gateway;
 mod cmd_hostvm;
 mod cmd_images;
+mod cmd_net;
 mod cmd_sandbox;
 mod cmd_serve;
 mod cmd_templates;
@@ -52,6 +53,10 @@ enum Command {
     /// certificates.
     #[command(subcommand)]
     Certs(cmd_certs::CertsCommand),
+    /// Sandbox egress networking by hand: run a command in a sandbox's network namespace,
+    /// remove stale namespaces, list what is there.
+    #[command(subcommand)]
+    Net(cmd_net::NetCommand),
     /// Run commands in a sandbox microVM through the worker's VM handle and the in-guest agent.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
         Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
         Command::Vm(VmCommand::Api(args)) => cmd_vm_api::run(args),
         Command::Sandbox(SandboxCommand::Run(args)) => cmd_sandbox::run(args),
+        Command::Net(command) => cmd_net::run(command),
         Command::Templates(command) => cmd_templates::run(command),
         Command::Serve(command) => cmd_serve::run_serve(command),
         Command::Control(command) => cmd_serve::run_control(command),
