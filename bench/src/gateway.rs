@@ -264,9 +264,9 @@ impl Nginx {
         let conf = format!(
             "daemon off;\nworker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             \x20 upstream backend {{ server {backend}; keepalive 256; }}\n\
+             \x20 upstream backend {{ server {backend}; keepalive 256; keepalive_requests 100000000; }}\n\
              \x20 server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://backend;\n\
              \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
         );
