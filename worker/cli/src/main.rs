@@ -8,6 +8,7 @@ mod cmd_doctor;
 mod cmd_gateway;
 mod cmd_hostvm;
 mod cmd_images;
+mod cmd_jail;
 mod cmd_net;
 mod cmd_sandbox;
 mod cmd_serve;
@@ -49,14 +50,18 @@ enum Command {
     /// Operator actions on the control service's database (e.g. the first platform admin).
     #[command(subcommand)]
     Control(cmd_serve::ControlCommand),
-    /// Development certificates: a CA, the gateway's wildcard certificate, worker and client
-    /// certificates.
-    #[command(subcommand)]
-    Certs(cmd_certs::CertsCommand),
     /// Sandbox egress networking by hand: run a command in a sandbox's network namespace,
     /// remove stale namespaces, list what is there.
     #[command(subcommand)]
     Net(cmd_net::NetCommand),
+    /// Development certificates: a CA, the gateway's wildcard certificate, worker and client
+    /// certificates.
+    #[command(subcommand)]
+    Certs(cmd_certs::CertsCommand),
+    /// Run a program (the VMM) jailed: new namespaces, a directory holding only what it needs,
+    /// an unprivileged uid/gid; or clean up jails left by a crash.
+    #[command(subcommand)]
+    Jail(cmd_jail::JailCommand),
     /// Run commands in a sandbox microVM through the worker's VM handle and the in-guest agent.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
         Command::Sandbox(SandboxCommand::Run(args)) => cmd_sandbox::run(args),
         Command::Net(command) => cmd_net::run(command),
         Command::Templates(command) => cmd_templates::run(command),
+        Command::Jail(command) => cmd_jail::run(command),
         Command::Serve(command) => cmd_serve::run_serve(command),
         Command::Control(command) => cmd_serve::run_control(command),
     };
