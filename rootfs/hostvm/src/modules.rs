@@ -29,7 +29,10 @@ pub const CARRIED: &[(&str, &str)] = &[
     ("nft_chain_nat", "NAT chains"),
     ("nft_masq", "masquerading egress"),
     ("nft_ct", "connection tracking matches"),
-    ("nft_reject_ipv4", "refused sandbox connections fail at once"),
+    (
+        "nft_reject_ipv4",
+        "refused sandbox connections fail at once",
+    ),
     ("iptable_nat", "NAT for iptables users"),
     ("vhost_net", "QEMU baselines with vhost networking"),
     ("vhost_vsock", "QEMU baselines with vsock"),
