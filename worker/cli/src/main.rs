@@ -87,7 +87,7 @@ enum HostvmCommand {
 enum VmCommand {
     /// Boot a microVM in the foreground; this process is its VMM. Exit status: 0 shut down,
     /// 1 could not start, 3 guest kernel panic, 4 VM failure, 5 stopped by a signal.
-    Run(cmd_vm::VmRunArgs),
+    Run(Box<cmd_vm::VmRunArgs>),
     /// Send one request to a running VMM's API socket (--api-socket) and print the reply.
     Api(cmd_vm_api::VmApiArgs),
 }
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
         Command::Certs(command) => cmd_certs::run(command),
         Command::Images(command) => cmd_images::run(command),
         Command::Hostvm(HostvmCommand::Run(args)) => cmd_hostvm::run(args),
-        Command::Vm(VmCommand::Run(args)) => cmd_vm::run(args),
+        Command::Vm(VmCommand::Run(args)) => cmd_vm::run(*args),
         Command::Vm(VmCommand::Api(args)) => cmd_vm_api::run(args),
         Command::Sandbox(SandboxCommand::Run(args)) => cmd_sandbox::run(args),
         Command::Net(command) => cmd_net::run(command),

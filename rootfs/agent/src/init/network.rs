@@ -91,7 +91,7 @@ fn request() -> libc::ifreq {
 
 fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     let inet = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or_default(),
         sin_port: 0,
         sin_addr: libc::in_addr {
             s_addr: u32::from(addr).to_be(),
@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn addresses_are_in_network_byte_order() {
         let sa = sockaddr_in(Ipv4Addr::new(169, 254, 0, 2));
-        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(i32::from(sa.sa_family), libc::AF_INET);
         // sin_port (2 bytes) then sin_addr, as on the wire.
         let bytes: Vec<u8> = sa.sa_data[2..6]
             .iter()
