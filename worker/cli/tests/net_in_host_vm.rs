@@ -161,6 +161,7 @@ fn serve_web(listener: TcpListener) {
 }
 
 #[test]
+#[ignore = "not yet run on real KVM (written 2026-11-29; the host plumbing is covered by roost-net's live test); see issue 10's note"]
 fn net_in_host_vm_enforces_egress_policy_and_leaves_nothing() {
     let web = TcpListener::bind("127.0.0.1:0").unwrap();
     let dns = UdpSocket::bind("127.0.0.1:0").unwrap();

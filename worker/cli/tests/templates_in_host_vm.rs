@@ -66,6 +66,7 @@ for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
 "#;
 
 #[test]
+#[ignore = "not yet run on real KVM: needs the snapshot/restore path whose host-VM test is not green yet (issue 4)"]
 fn templates_in_host_vm_clones_get_their_own_identity() {
     let run = ScriptRun::run(
         HostVm::builder()
