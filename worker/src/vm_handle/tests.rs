@@ -145,7 +145,7 @@ async fn boot_passes_the_configuration_to_the_vmm() {
     announcer.await.unwrap();
     assert_eq!(vm.hello().hostname, "fake");
     let dir = vm.runtime_dir().to_owned();
-    let args = std::fs::read_to_string(&args_file).unwrap();
+    let args = read_when_written(&args_file).await;
     let expected = format!(
         "vm run --kernel {root}/vmlinux --rootfs {dir}/rootfs.img --cpus 2 --mem 512 \
          --vsock-uds {dir}/vsock.sock --serial-log {dir}/serial.log --seccomp enforce \
@@ -361,7 +361,7 @@ async fn restore_retries_until_the_agent_answers_and_hands_it_its_identity() {
         roost_proto::agent::Operation::Identity(identity)
     );
     let dir = vm.runtime_dir().to_owned();
-    let args = std::fs::read_to_string(&args_file).unwrap();
+    let args = read_when_written(&args_file).await;
     assert_eq!(
         args,
         format!(
@@ -528,7 +528,8 @@ async fn a_booted_vm_serves_the_control_api_only_when_asked() {
     let announcer = announce_when_listening(config.runtime_dir.clone());
     let vm = VmHandle::boot(config).await.unwrap();
     announcer.await.unwrap();
-    let args = std::fs::read_to_string(&args_file).unwrap();
+    // The hello is played by the test, so the fake VMM may not have written its arguments yet.
+    let args = read_when_written(&args_file).await;
     assert!(
         args.trim_end().ends_with(&format!(
             "--api-socket {}/api.sock",
@@ -542,4 +543,17 @@ async fn a_booted_vm_serves_the_control_api_only_when_asked() {
     );
     assert_eq!(vm.run_state().await.unwrap(), RunState::Running);
     api.await.unwrap();
+}
+
+/// The contents of `path` once a fake VMM has written it (at most 10 s).
+async fn read_when_written(path: &std::path::Path) -> String {
+    for _ in 0..1000 {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && !text.is_empty()
+        {
+            return text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{} was not written within 10 s", path.display());
 }
