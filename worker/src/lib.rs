@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod disk;
 pub mod host_check;
 pub mod jail;
+pub mod manager;
 pub mod template;
 pub mod tunnel;
 pub mod vm_handle;

@@ -1,0 +1,171 @@
+//! What the manager needs from a VM, as two small traits: [`VmBackend`] restores a VM from a
+//! snapshot directory with an identity, [`SandboxVm`] snapshots and destroys it. The real
+//! implementation is [`HandleBackend`] over [`VmHandle`] (a `roost vm run --restore` child
+//! process); the manager's unit tests use an in-memory one, so the bookkeeping (states,
+//! directories, errors) is tested without KVM.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_proto::agent::IdentityRequest;
+
+use crate::tunnel::VmSplicer;
+use crate::vm_handle::{RestoreConfig, SeccompMode, SnapshotInfo, SnapshotKind, VmHandle};
+
+/// A VM operation failed; the message carries the VMM's log tail when there is one.
+pub type VmFailure = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a destroyed VM's VMM gets to exit after SIGTERM when the handle is still shared
+/// (a tunnel stream being opened) before the manager stops waiting for it.
+const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+
+/// Restores VMs.
+pub trait VmBackend: Send + Sync + 'static {
+    type Vm: SandboxVm;
+
+    /// Restores the snapshot in `snapshot_dir` with its runtime directory at `runtime_dir`
+    /// (which must not exist; its parent does) and hands the guest `identity`. On failure
+    /// nothing may be left in `runtime_dir`.
+    fn restore(
+        &self,
+        snapshot_dir: &Path,
+        runtime_dir: &Path,
+        identity: &IdentityRequest,
+    ) -> impl Future<Output = Result<Self::Vm, VmFailure>> + Send;
+}
+
+/// One running VM.
+pub trait SandboxVm: Send + Sync + 'static {
+    /// Writes a snapshot into `dir` (created by the VMM; its parent exists). A diff needs the
+    /// snapshot the VM was restored from as `parent`. The VM stays paused unless `resume`.
+    fn snapshot(
+        &self,
+        dir: &Path,
+        kind: SnapshotKind,
+        parent: Option<&Path>,
+        resume: bool,
+    ) -> impl Future<Output = Result<SnapshotInfo, VmFailure>> + Send;
+
+    /// Lets a VM paused by a failed snapshot run again.
+    fn resume(&self) -> impl Future<Output = Result<(), VmFailure>> + Send;
+
+    /// The VMM's process id (for cgroups and `/proc` readings).
+    fn pid(&self) -> u32;
+
+    /// Stops the VMM and frees what it held on the host (process, sockets, runtime
+    /// directory). `self` may still be shared by someone who opened a stream into it.
+    fn destroy(self: Arc<Self>) -> impl Future<Output = ()> + Send;
+}
+
+/// Where a running sandbox's ports are reachable (the gateway tunnel's splicer).
+pub trait Routes<V>: Send + Sync + 'static {
+    /// `sandbox_id` now runs in `vm`.
+    fn up(&self, sandbox_id: &str, vm: Arc<V>);
+    /// `sandbox_id` no longer runs here.
+    fn down(&self, sandbox_id: &str);
+}
+
+impl Routes<VmHandle> for VmSplicer {
+    fn up(&self, sandbox_id: &str, vm: Arc<VmHandle>) {
+        match sandbox_id.parse() {
+            Ok(id) => self.insert(id, vm),
+            Err(e) => tracing::warn!(sandbox = sandbox_id, "not routable: {e}"),
+        }
+    }
+
+    fn down(&self, sandbox_id: &str) {
+        if let Ok(id) = sandbox_id.parse() {
+            self.remove(&id);
+        }
+    }
+}
+
+/// [`VmBackend`] over [`VmHandle::restore`].
+#[derive(Debug, Clone)]
+pub struct HandleBackend {
+    /// The `roost` binary whose `vm run --restore` is the VMM.
+    pub vmm_binary: PathBuf,
+    /// How long a restored agent may take to take its identity.
+    pub ready_timeout: Duration,
+    pub seccomp: SeccompMode,
+}
+
+impl HandleBackend {
+    /// The `roost` next to this executable, a 120 s ready timeout, enforced seccomp.
+    pub fn new() -> Self {
+        let defaults = RestoreConfig::new("/", "/");
+        Self {
+            vmm_binary: defaults.vmm_binary,
+            ready_timeout: Duration::from_secs(120),
+            seccomp: SeccompMode::Enforce,
+        }
+    }
+}
+
+impl Default for HandleBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VmBackend for HandleBackend {
+    type Vm = VmHandle;
+
+    async fn restore(
+        &self,
+        snapshot_dir: &Path,
+        runtime_dir: &Path,
+        identity: &IdentityRequest,
+    ) -> Result<VmHandle, VmFailure> {
+        let mut config = RestoreConfig::new(snapshot_dir, runtime_dir);
+        config.vmm_binary = self.vmm_binary.clone();
+        config.ready_timeout = self.ready_timeout;
+        config.seccomp = self.seccomp;
+        Ok(VmHandle::restore(config, identity).await?)
+    }
+}
+
+impl SandboxVm for VmHandle {
+    async fn snapshot(
+        &self,
+        dir: &Path,
+        kind: SnapshotKind,
+        parent: Option<&Path>,
+        resume: bool,
+    ) -> Result<SnapshotInfo, VmFailure> {
+        Ok(VmHandle::snapshot(self, dir, kind, parent, resume).await?)
+    }
+
+    async fn resume(&self) -> Result<(), VmFailure> {
+        Ok(VmHandle::resume(self).await?)
+    }
+
+    fn pid(&self) -> u32 {
+        self.vmm_pid()
+    }
+
+    async fn destroy(self: Arc<Self>) {
+        match Arc::try_unwrap(self) {
+            Ok(vm) => {
+                let exit = vm.kill();
+                tracing::debug!(%exit, "sandbox VM destroyed");
+            }
+            Err(shared) => {
+                // Someone is opening a stream into it: stop the VMM now; the runtime directory
+                // goes with the last handle, moments later.
+                shared.terminate();
+                if tokio::time::timeout(TERMINATE_WAIT, shared.exited())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        pid = shared.vmm_pid(),
+                        "the VMM did not exit after SIGTERM; it is killed with its last handle"
+                    );
+                }
+            }
+        }
+    }
+}
