@@ -52,9 +52,14 @@ pub struct VmRunArgs {
     ])]
     pub restore: Option<PathBuf>,
     /// How a restored VM's memory comes back: `map` maps the snapshot's memory file
-    /// MAP_PRIVATE (clones share its page cache).
+    /// MAP_PRIVATE (clones share its page cache); `uffd` lets a `roost-pager serve` process
+    /// (listening on --pager-socket) fill pages on first touch.
     #[arg(long, value_enum, default_value_t = MemoryBackendArg::Map, requires = "restore")]
     pub memory_backend: MemoryBackendArg,
+    /// The socket of the `roost-pager serve --snapshot DIR --socket PATH` that serves this
+    /// VM's memory (with --memory-backend uffd).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub pager_socket: Option<PathBuf>,
     /// Serve the VMM API (pause, resume, snapshot, stop; line-delimited JSON) on this Unix
     /// socket; also turns on KVM dirty logging so diff snapshots are possible.
     #[arg(long, value_name = "PATH")]
@@ -121,6 +126,8 @@ pub struct VmRunArgs {
 pub enum MemoryBackendArg {
     /// Map the memory file MAP_PRIVATE.
     Map,
+    /// Anonymous memory filled on demand by a userfaultfd page server (`roost-pager serve`).
+    Uffd,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -212,16 +219,27 @@ fn seccomp_mode(arg: SeccompArg) -> SeccompMode {
 }
 
 /// Restore settings from the command line (host paths given anew).
-fn restore_options(args: &VmRunArgs) -> RestoreOptions {
-    RestoreOptions {
-        memory: match args.memory_backend {
-            MemoryBackendArg::Map => RestoreChoice::Map,
+fn restore_options(args: &VmRunArgs) -> anyhow::Result<RestoreOptions> {
+    let memory = match (args.memory_backend, &args.pager_socket) {
+        (MemoryBackendArg::Map, None) => RestoreChoice::Map,
+        (MemoryBackendArg::Map, Some(_)) => {
+            bail!("--pager-socket is only used with --memory-backend uffd")
+        }
+        (MemoryBackendArg::Uffd, Some(socket)) => RestoreChoice::Uffd {
+            socket: socket.clone(),
         },
+        (MemoryBackendArg::Uffd, None) => bail!(
+            "--memory-backend uffd needs --pager-socket PATH: the socket of a running \
+             `roost-pager serve --snapshot DIR --socket PATH`"
+        ),
+    };
+    Ok(RestoreOptions {
+        memory,
         vsock_uds: args.vsock_uds.clone(),
         serial: serial_config(args),
         seccomp: seccomp_mode(args.seccomp),
         dirty_logging: args.api_socket.is_some(),
-    }
+    })
 }
 
 /// The VM to run: restored from `--restore DIR` or built from the configuration.
@@ -232,11 +250,12 @@ fn build_or_restore(args: &VmRunArgs) -> anyhow::Result<BuiltVm> {
         return roost_vmm::build_with(&config, args.api_socket.is_some())
             .context("cannot build the VM");
     };
+    let options = restore_options(args)?;
     // The state file is checked before KVM: a bad snapshot is refused the same everywhere.
     let snapshot = roost_vmm::read_snapshot(dir)
         .with_context(|| format!("cannot restore from {}", dir.display()))?;
     require_usable_kvm()?;
-    roost_vmm::restore_from(snapshot, dir, &restore_options(args))
+    roost_vmm::restore_from(snapshot, dir, &options)
         .with_context(|| format!("cannot restore the VM from {}", dir.display()))
 }
 

@@ -70,7 +70,9 @@ fn classify(error: &VmError) -> SpliceError {
         }
         VmError::Agent(_) => SpliceError::Failed("the sandbox's agent did not answer".into()),
         VmError::VmmExited { exit, .. } => SpliceError::Failed(format!("the VM is gone: {exit}")),
-        VmError::Api(_) | VmError::NoControlApi => SpliceError::Failed(error.to_string()),
+        VmError::Api(_) | VmError::NoControlApi | VmError::Identity(_) => {
+            SpliceError::Failed(error.to_string())
+        }
     }
 }
 

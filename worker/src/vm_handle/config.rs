@@ -129,6 +129,48 @@ pub struct RestoreConfig {
     /// How long the restored agent may take to take its identity.
     pub ready_timeout: Duration,
     pub seccomp: SeccompMode,
+    /// How guest memory comes back.
+    pub memory: RestoreMemory,
+}
+
+/// How a restored VM's memory comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// The snapshot's memory file mapped `MAP_PRIVATE`: clones of one snapshot share its page
+    /// cache, and pages are read on first touch by the kernel.
+    Map,
+    /// Anonymous memory filled on first touch by a `roost-pager serve` child process that the
+    /// handle starts (and stops with the VM).
+    Uffd(PagerOptions),
+}
+
+/// The page server of a [`RestoreMemory::Uffd`] restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagerOptions {
+    /// The `roost-pager` binary.
+    pub binary: PathBuf,
+    /// Copy the pages of this recorded working set in before serving faults in any order.
+    pub prefetch: Option<PathBuf>,
+    /// Record the pages the VM touches into this file, written when
+    /// [`super::VmHandle::record_working_set`] is called (or when the VMM goes away).
+    pub record: Option<PathBuf>,
+}
+
+impl PagerOptions {
+    /// `roost-pager` next to the current executable, nothing prefetched or recorded.
+    pub fn new() -> Self {
+        Self {
+            binary: sibling_binary("roost-pager"),
+            prefetch: None,
+            record: None,
+        }
+    }
+}
+
+impl Default for PagerOptions {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The state file every snapshot directory holds.
@@ -143,6 +185,7 @@ impl RestoreConfig {
             runtime_dir: runtime_dir.into(),
             ready_timeout: Duration::from_secs(60),
             seccomp: SeccompMode::Enforce,
+            memory: RestoreMemory::Map,
         }
     }
 
@@ -158,6 +201,12 @@ impl RestoreConfig {
         )?;
         if self.ready_timeout.is_zero() {
             return Err(ConfigError::ReadyTimeout);
+        }
+        if let RestoreMemory::Uffd(pager) = &self.memory {
+            regular_file("page server binary", &pager.binary)?;
+            if let Some(prefetch) = &pager.prefetch {
+                regular_file("working set", prefetch)?;
+            }
         }
         validate_runtime_dir(&self.runtime_dir)
     }
@@ -201,10 +250,15 @@ fn regular_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
 /// `roost` next to the current executable (release installs put every binary together; the
 /// host VM copies them all to `/opt/roost/bin`).
 pub fn default_vmm_binary() -> PathBuf {
+    sibling_binary("roost")
+}
+
+/// `name` next to the current executable (else looked up on `PATH`).
+fn sibling_binary(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("roost")))
-        .unwrap_or_else(|| PathBuf::from("roost"))
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// A configuration that cannot boot.

@@ -26,6 +26,7 @@
 //! ```
 
 mod config;
+mod pager;
 mod restore;
 mod runtime_dir;
 pub mod vmm_api;
@@ -45,8 +46,8 @@ use tokio::task::JoinHandle;
 use vmm_api::ApiRequest;
 
 pub use config::{
-    ConfigError, RestoreConfig, RootfsMode, SNAPSHOT_STATE_FILE, SeccompMode, VmHandleConfig,
-    default_vmm_binary,
+    ConfigError, PagerOptions, RestoreConfig, RestoreMemory, RootfsMode, SNAPSHOT_STATE_FILE,
+    SeccompMode, VmHandleConfig, default_vmm_binary,
 };
 pub use restore::IdentityError;
 pub use runtime_dir::{
@@ -69,8 +70,10 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// removes its runtime directory.
 #[derive(Debug)]
 pub struct VmHandle {
-    // Field order is drop order: the VMM is reaped before its directory goes.
+    // Field order is drop order: the VMM is reaped before its page server and directory go.
     vmm: VmmProcess,
+    /// The `roost-pager serve` process of a userfaultfd restore.
+    pager: Option<VmmProcess>,
     runtime_dir: RuntimeDir,
     agent: AgentClient,
     hello: Hello,
@@ -143,6 +146,7 @@ impl VmHandle {
             agent: AgentClient::new(Connector::vm(runtime_dir.vsock_socket())),
             api_socket: config.control_api.then(|| runtime_dir.api_socket()),
             vmm,
+            pager: None,
             runtime_dir,
             hello,
             boot_to_ready,
@@ -158,10 +162,55 @@ impl VmHandle {
         config: RestoreConfig,
         identity: &IdentityRequest,
     ) -> Result<Self, BootError> {
+        Self::restore_then(config, async |agent, deadline| {
+            restore::hand_identity(agent, identity, deadline).await
+        })
+        .await
+    }
+
+    /// Restores a VM and waits until its agent answers, without giving it an identity: a
+    /// pre-warmed clone for a pool. It still carries the template's identity (hostname,
+    /// random state) until [`VmHandle::take_identity`]; it must not run anything before.
+    pub async fn restore_warm(config: RestoreConfig) -> Result<Self, BootError> {
+        Self::restore_then(config, async |agent, deadline| {
+            restore::await_hello(agent, deadline).await
+        })
+        .await
+    }
+
+    /// Hands a warm clone ([`VmHandle::restore_warm`]) its identity, within `timeout`.
+    pub async fn take_identity(
+        &mut self,
+        identity: &IdentityRequest,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        let handed = tokio::select! {
+            handed = restore::hand_identity(&self.agent, identity, deadline) => handed,
+            exit = self.vmm.exited() => {
+                return Err(VmError::VmmExited { exit, log: self.logs() });
+            }
+        };
+        self.hello = handed.map_err(VmError::Identity)?;
+        Ok(())
+    }
+
+    /// Spawns the page server (for a userfaultfd restore) and the restoring VMM, then runs
+    /// `until_ready` against its agent (bounded by `config.ready_timeout`).
+    async fn restore_then(
+        config: RestoreConfig,
+        until_ready: impl AsyncFnOnce(&AgentClient, Instant) -> Result<Hello, IdentityError>,
+    ) -> Result<Self, BootError> {
         config.validate()?;
         let runtime_dir = RuntimeDir::create(&config.runtime_dir)?;
-        let command = restore_command(&config, &runtime_dir)?;
         let started = Instant::now();
+        let pager = match &config.memory {
+            RestoreMemory::Map => None,
+            RestoreMemory::Uffd(options) => {
+                Some(pager::start(options, &config.snapshot_dir, &runtime_dir).await?)
+            }
+        };
+        let command = restore_command(&config, &runtime_dir)?;
         let vmm = VmmProcess::spawn(command, runtime_dir.path().to_owned()).map_err(|source| {
             BootError::Spawn {
                 binary: config.vmm_binary.clone(),
@@ -171,13 +220,13 @@ impl VmHandle {
         tracing::debug!(pid = vmm.pid(), dir = %runtime_dir.path().display(), "VMM restoring");
         let agent = AgentClient::new(Connector::vm(runtime_dir.vsock_socket()));
         let deadline = Instant::now() + config.ready_timeout;
-        let handed = tokio::select! {
-            handed = restore::hand_identity(&agent, identity, deadline) => handed,
+        let ready = tokio::select! {
+            ready = until_ready(&agent, deadline) => ready,
             exit = vmm.exited() => {
                 return Err(BootError::VmmExited { exit, log: logs(&runtime_dir) });
             }
         };
-        let hello = match handed {
+        let hello = match ready {
             Ok(hello) => hello,
             Err(source) => {
                 let mut vmm = vmm;
@@ -192,12 +241,13 @@ impl VmHandle {
         tracing::info!(
             ms = boot_to_ready.as_millis(),
             hostname = %hello.hostname,
-            "the restored agent took its identity"
+            "the restored agent is ready"
         );
         Ok(Self {
             agent,
             api_socket: Some(runtime_dir.api_socket()),
             vmm,
+            pager,
             runtime_dir,
             hello,
             boot_to_ready,
@@ -365,6 +415,15 @@ impl VmHandle {
         self.finish(exit)
     }
 
+    /// Asks the page server of a userfaultfd restore with a `record` file to write the pages
+    /// touched so far as the working set (call when the first command has finished). False
+    /// when there is no page server or it is gone.
+    pub fn record_working_set(&self) -> bool {
+        self.pager
+            .as_ref()
+            .is_some_and(|pager| pager.signal(Signal::SIGUSR1))
+    }
+
     /// Sends SIGTERM to the VMM (it stops its vCPUs and exits with status 5).
     pub fn terminate(&self) -> bool {
         self.vmm.signal(Signal::SIGTERM)
@@ -456,6 +515,11 @@ fn restore_command(config: &RestoreConfig, dir: &RuntimeDir) -> Result<Command, 
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
+    if let RestoreMemory::Uffd(_) = config.memory {
+        command
+            .args(["--memory-backend", "uffd", "--pager-socket"])
+            .arg(dir.pager_socket());
+    }
     Ok(command)
 }
 
@@ -463,7 +527,13 @@ fn restore_command(config: &RestoreConfig, dir: &RuntimeDir) -> Result<Command, 
 fn logs(dir: &RuntimeDir) -> String {
     let stderr = tail(&dir.vmm_stderr(), TAIL_BYTES);
     let serial = tail(&dir.serial_log(), TAIL_BYTES);
+    let pager = tail(&dir.pager_stderr(), TAIL_BYTES);
     let mut out = String::new();
+    if !pager.is_empty() {
+        out.push_str("page server stderr:\n");
+        out.push_str(&pager);
+        out.push('\n');
+    }
     if !stderr.is_empty() {
         out.push_str("VMM stderr:\n");
         out.push_str(&stderr);
@@ -510,6 +580,8 @@ pub enum BootError {
     VmmExited { exit: VmmExit, log: String },
     #[error("the agent did not announce itself within {timeout:?}; the VMM was killed\n{log}")]
     ReadyTimeout { timeout: Duration, log: String },
+    #[error("the page server did not start listening on {}: {detail}", socket.display())]
+    PagerStart { socket: PathBuf, detail: String },
     #[error("the restored agent did not take its identity; the VMM was killed\n{log}")]
     Identity {
         #[source]
@@ -529,6 +601,8 @@ pub enum VmError {
     Api(#[source] ApiError),
     #[error("this VM was booted without the VMM's control API (VmHandleConfig::control_api)")]
     NoControlApi,
+    #[error("the agent did not take its identity")]
+    Identity(#[source] IdentityError),
 }
 
 #[cfg(test)]

@@ -42,6 +42,11 @@ pub async fn hand_identity(
     retry_until(deadline, || agent.hello()).await
 }
 
+/// Waits until the restored agent answers (or `deadline` passes) and returns its hello.
+pub async fn await_hello(agent: &AgentClient, deadline: Instant) -> Result<Hello, IdentityError> {
+    retry_until(deadline, || agent.hello()).await
+}
+
 async fn retry_until<T, F: Future<Output = Result<T, Error>>>(
     deadline: Instant,
     mut attempt: impl FnMut() -> F,

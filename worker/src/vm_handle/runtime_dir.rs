@@ -46,6 +46,16 @@ impl RuntimeDir {
     }
 
     /// The guest's serial console (`--serial-log`).
+    /// The page server's socket (userfaultfd restores).
+    pub fn pager_socket(&self) -> PathBuf {
+        self.path.join("pager.sock")
+    }
+
+    /// The page server's stderr (userfaultfd restores).
+    pub fn pager_stderr(&self) -> PathBuf {
+        self.path.join("pager.stderr")
+    }
+
     pub fn serial_log(&self) -> PathBuf {
         self.path.join("serial.log")
     }

@@ -260,6 +260,11 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
         }
         ThreadKind::Api => {
             rules.extend(API_EXTRA.iter().map(|nr| (*nr, Vec::new())));
+            // Pause and snapshot kick the vCPU threads out of `KVM_RUN` with `pthread_kill`,
+            // which is `tgkill(getpid(), tid, sig)`: only the kick signal may be sent.
+            rules.insert(libc::SYS_getpid, Vec::new());
+            let kick = u64::try_from(crate::vcpu::kick_signal()).unwrap_or(u64::MAX);
+            rules.insert(libc::SYS_tgkill, vec![rule(vec![arg_eq(2, kick, name)?])?]);
             let ioctls = kvm_vm_get::all()
                 .into_iter()
                 .chain([libc::FIONBIO])
@@ -364,6 +369,12 @@ mod tests {
         }
         assert!(rules.contains_key(&libc::SYS_openat));
         assert_eq!(rules[&libc::SYS_ioctl].len(), 5, "4 KVM_GET_* and FIONBIO");
+        assert_eq!(
+            rules[&libc::SYS_tgkill].len(),
+            1,
+            "pause kicks vCPU threads, with the kick signal only"
+        );
+        assert!(!rules.contains_key(&libc::SYS_kill));
         assert_eq!(
             kvm_vm_get::KVM_GET_CLOCK(),
             0x8030_ae7c,

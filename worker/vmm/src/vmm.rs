@@ -38,6 +38,11 @@ use crate::vm::{Vm, VmError};
 
 /// How long pausing (or saving) may take before it is reported as failed.
 pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VM whose page server was lost may take to stop before its process is ended.
+const PAGER_LOST_GRACE: Duration = Duration::from_secs(2);
+/// The process exit code then: `roost vm run`'s "the VM failed while running".
+const PAGER_LOST_EXIT_CODE: i32 = 4;
+
 /// How often a stopping vCPU thread is kicked until it leaves `KVM_RUN`.
 pub(crate) const KICK_INTERVAL: Duration = Duration::from_millis(2);
 
@@ -68,6 +73,8 @@ pub enum VmmError {
     Privileges(#[from] PrivilegeError),
     #[error("could not spawn the thread of vCPU {0}")]
     SpawnVcpu(u8, #[source] std::io::Error),
+    #[error("could not spawn the VMM's {0} thread")]
+    SpawnThread(&'static str, #[source] std::io::Error),
     #[error("could not read the snapshot")]
     ReadSnapshot(#[from] ReadError),
     #[error("could not restore the VM's interrupt controllers, PIT and clock")]
@@ -221,6 +228,19 @@ impl BuiltVm {
             .spawn(device_filter, self.exits.clone())?;
         let device_pause = event_loop.pauser();
         running.event_loop = Some(event_loop);
+        // A lost page server would leave vCPUs blocked in page faults forever: fail the VM
+        // with the reason instead, and end the process if the stuck threads keep it alive.
+        let exits = self.exits.clone();
+        ram.watch_pager(
+            move |reason| {
+                exits.request(VmExit::Error {
+                    detail: format!("the page server serving guest memory was lost: {reason}"),
+                });
+            },
+            PAGER_LOST_GRACE,
+            PAGER_LOST_EXIT_CODE,
+        )
+        .map_err(|e| VmmError::SpawnThread("page-server watchdog", e))?;
         for vcpu in self.vcpus {
             let index = vcpu.index();
             let shared = shared.clone();
@@ -295,7 +315,7 @@ impl RunningVm {
     pub fn serve_api(&mut self, listener: crate::api::ApiListener) -> Result<(), VmmError> {
         let filter = seccomp::compile(ThreadKind::Api, self.config_seccomp())?;
         let server = crate::api::ApiServer::spawn(listener, self.controller(), filter)
-            .map_err(|e| VmmError::SpawnVcpu(u8::MAX, e))?;
+            .map_err(|e| VmmError::SpawnThread("API", e))?;
         self.api = Some(server);
         Ok(())
     }
