@@ -15,7 +15,7 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::stat::{Mode, SFlag, mknod};
 use nix::unistd::{
-    Gid, Uid, chdir, chown, pivot_root, setgroups, sethostname, setresgid, setresuid,
+    Gid, Uid, chdir, chown, chroot, pivot_root, setgroups, sethostname, setresgid, setresuid,
 };
 
 use super::spec::JailSpec;
@@ -63,26 +63,7 @@ fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
     )
     .map_err(step("bind the jail root"))?;
 
-    for m in &spec.mounts {
-        let target = spec.host_path(&m.inside);
-        make_mount_point(&m.host, &target)?;
-        mount(
-            Some(&m.host),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(step(&format!("bind {}", m.host.display())))?;
-        let mut flags =
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        if m.read_only {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-            .map_err(step(&format!("remount {}", m.inside.display())))?;
-    }
-
+    // The private /dev first: device sources of bind mounts get their node made here.
     let dev = root.join("dev");
     fs::create_dir_all(&dev).map_err(|e| format!("create {}: {e}", dev.display()))?;
     mount(
@@ -94,6 +75,54 @@ fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
     )
     .map_err(step("mount /dev"))?;
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+
+    for (index, m) in spec.mounts.iter().enumerate() {
+        let target = spec.host_path(&m.inside);
+        let meta = fs::metadata(&m.host).map_err(|e| format!("stat {}: {e}", m.host.display()))?;
+        make_mount_point(&m.host, &target)?;
+        // A disk given as a device (a volume, or the host VM's attached images) cannot be a
+        // plain bind mount: the host's node belongs to root, and a `nodev` mount refuses to
+        // open it. The jail gets its own node for the same device, owned by the jailed
+        // identity (mode 0400 when read-only), bound from the private /dev so that it also
+        // works when the jail directory's file system is mounted `nodev`.
+        let kind = if meta.file_type().is_block_device() {
+            Some(SFlag::S_IFBLK)
+        } else if meta.file_type().is_char_device() {
+            Some(SFlag::S_IFCHR)
+        } else {
+            None
+        };
+        let source = match kind {
+            Some(kind) => {
+                let node = dev.join(format!(".mount-{index}"));
+                let mode = if m.read_only { 0o400 } else { 0o600 };
+                mknod(&node, kind, Mode::from_bits_truncate(mode), meta.rdev())
+                    .map_err(step(&format!("mknod for {}", m.host.display())))?;
+                chown(&node, Some(uid), Some(gid))
+                    .map_err(step(&format!("chown the node for {}", m.host.display())))?;
+                node
+            }
+            None => m.host.clone(),
+        };
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(step(&format!("bind {}", m.host.display())))?;
+        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID;
+        if kind.is_none() {
+            flags |= MsFlags::MS_NODEV;
+        }
+        if m.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+            .map_err(step(&format!("remount {}", m.inside.display())))?;
+    }
+
     for device in &spec.devices {
         let meta = fs::metadata(device).map_err(|e| format!("stat {}: {e}", device.display()))?;
         let target = spec.host_path(device);
@@ -123,10 +152,22 @@ fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
 
     chdir(root).map_err(step("enter the jail root"))?;
     fs::create_dir_all(OLD_ROOT).map_err(|e| format!("create {OLD_ROOT}: {e}"))?;
-    pivot_root(".", OLD_ROOT).map_err(step("pivot_root"))?;
-    chdir("/").map_err(step("chdir /"))?;
-    umount2(&*format!("/{OLD_ROOT}"), MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
-    fs::remove_dir(format!("/{OLD_ROOT}")).map_err(|e| format!("remove {OLD_ROOT}: {e}"))?;
+    match pivot_root(".", OLD_ROOT) {
+        Ok(()) => {
+            chdir("/").map_err(step("chdir /"))?;
+            umount2(&*format!("/{OLD_ROOT}"), MntFlags::MNT_DETACH)
+                .map_err(step("detach the old root"))?;
+            fs::remove_dir(format!("/{OLD_ROOT}"))
+                .map_err(|e| format!("remove {OLD_ROOT}: {e}"))?;
+        }
+        // The host's root is the initial ramfs (an initramfs-only host such as the host VM),
+        // which pivot_root refuses to move.
+        Err(nix::Error::EINVAL) => {
+            fs::remove_dir(OLD_ROOT).map_err(|e| format!("remove {OLD_ROOT}: {e}"))?;
+            move_root(root)?;
+        }
+        Err(e) => return Err(format!("pivot_root: {e}")),
+    }
 
     // Dropping root's uid clears the permitted and effective capability sets.
     setgroups(&[gid]).map_err(step("set supplementary groups"))?;
@@ -138,6 +179,33 @@ fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
     // No exec inside the jail can gain privileges (setuid files, file capabilities).
     nix::sys::prctl::set_no_new_privs().map_err(step("set no_new_privs"))?;
     Ok(())
+}
+
+/// The `pivot_root` replacement for a host whose root is the initial ramfs (what runc does
+/// there): every mount of this (private) namespace outside the jail is detached, the jail's
+/// mount is moved over `/` and becomes the root with `chroot`. Mounts on the jail's ancestors
+/// stay but are hidden under it; the program cannot climb out of the chroot because it ends
+/// up without CAP_SYS_CHROOT (and without any other capability).
+fn move_root(root: &Path) -> Result<(), String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
+    let mut outside: Vec<std::path::PathBuf> = super::mount_points(&mountinfo)
+        .into_iter()
+        .filter(|p| !p.starts_with(root) && !root.starts_with(p))
+        .collect();
+    // Deepest first, so each unmount finds its children gone already.
+    outside.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in &outside {
+        match umount2(point, MntFlags::MNT_DETACH) {
+            // Already gone with a parent detached before it.
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => return Err(format!("detach {}: {e}", point.display())),
+        }
+    }
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move the jail root over /: {e}"))?;
+    chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))
 }
 
 fn exec(spec: &JailSpec) -> String {

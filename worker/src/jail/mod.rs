@@ -227,10 +227,18 @@ pub fn remove_stale(base: &Path) -> Result<Vec<PathBuf>, JailError> {
 
 /// Whether `mountinfo` lists a mount point at or below `root`.
 fn mounts_under(mountinfo: &str, root: &Path) -> bool {
+    mount_points(mountinfo)
+        .iter()
+        .any(|point| point.starts_with(root))
+}
+
+/// The mount points a `/proc/<pid>/mountinfo` text lists, in its order.
+fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
     mountinfo
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4))
-        .any(|point| Path::new(&unescape_octal(point)).starts_with(root))
+        .map(|point| PathBuf::from(unescape_octal(point)))
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\NNN`.
