@@ -10,6 +10,7 @@ pub mod disk;
 pub mod host_check;
 pub mod jail;
 pub mod manager;
+pub mod pool;
 pub mod template;
 pub mod tunnel;
 pub mod vm_handle;
