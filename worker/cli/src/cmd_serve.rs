@@ -19,6 +19,8 @@ pub enum ServeCommand {
     Control(ServeControlArgs),
     /// Run the gateway: TLS/HTTP edge proxy to control and sandbox ports (worker tunnels).
     Gateway(crate::cmd_gateway::ServeGatewayArgs),
+    /// Run the worker host agent: register with control, run sandboxes it places here.
+    Worker(crate::cmd_worker::ServeWorkerArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,6 +139,7 @@ pub fn run_serve(command: ServeCommand) -> Result<i32> {
     match command {
         ServeCommand::Control(args) => runtime()?.block_on(serve_control(args)),
         ServeCommand::Gateway(args) => crate::cmd_gateway::run(args),
+        ServeCommand::Worker(args) => crate::cmd_worker::run(args),
     }
 }
 
@@ -149,7 +152,7 @@ pub fn run_control(command: ControlCommand) -> Result<i32> {
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
-async fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static> {
+pub(crate) async fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;

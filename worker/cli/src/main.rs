@@ -15,6 +15,7 @@ mod cmd_serve;
 mod cmd_templates;
 mod cmd_vm;
 mod cmd_vm_api;
+mod cmd_worker;
 
 use std::process::ExitCode;
 
