@@ -71,6 +71,15 @@ PROBE=$(cat /tmp/probe.py)
 mkdir -p /tmp/www && echo worker > /tmp/www/index.html
 httpd -p 7000 -h /tmp/www
 result worker-local "$(wget -qO- http://10.0.2.15:7000/ 2>/dev/null)"
+stop_job() { # PID SIGNAL SECONDS: signal a background job and wait for it (SIGKILL after SECONDS)
+  kill -$2 $1 2>/dev/null
+  i=0
+  while s=$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null) && [ -n "$s" ] && [ "$s" != Z ] && [ $i -lt $(($3 * 5)) ]; do
+    usleep 200000; i=$((i+1))
+  done
+  [ $i -lt $(($3 * 5)) ] || { echo "DIAG job $1 still running $3 s after SIG$2; killing it"; kill -9 $1; }
+  wait $1
+}
 wait_for() { i=0; until grep -q "$2" "$1" 2>/dev/null; do i=$((i+1)); [ $i -lt 1200 ] || break; usleep 200000; done; }
 probe() { # LOG POLICY... -- PROBES...
   log=$1; shift
@@ -95,7 +104,7 @@ probe names --allow-out web.test -- \
   before=$WEB other=dns:other.test name=dns:web.test after=web.test:$WEB_PORT
 probe cidr --deny-out 0.0.0.0/0 --allow-out 10.0.2.2 -- web=$WEB dnsdeny=10.0.2.3:53
 
-kill -TERM $BG; wait $BG
+stop_job $BG TERM 120
 result bg-exit $?
 result after-list "$(roost net list | wc -l)"
 roost net list | sed 's/^/LEFT /'
@@ -105,7 +114,7 @@ roost net run --upstream-dns 10.0.2.2:$DNS_PORT -- sleep 600 > /dev/null 2>/tmp/
 C=$!
 wait_for /tmp/crash.err 'network ready'
 result crash-list "$(roost net list | wc -l)"
-kill -9 $C; wait $C 2>/dev/null
+stop_job $C 9 30 2>/dev/null
 killall -9 sleep 2>/dev/null
 result cleanup "$(roost net cleanup | wc -l)"
 result cleaned-list "$(roost net list | wc -l)"
@@ -161,7 +170,6 @@ fn serve_web(listener: TcpListener) {
 }
 
 #[test]
-#[ignore = "not yet run on real KVM (written 2026-11-29; the host plumbing is covered by roost-net's live test); see issue 10's note"]
 fn net_in_host_vm_enforces_egress_policy_and_leaves_nothing() {
     let web = TcpListener::bind("127.0.0.1:0").unwrap();
     let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
