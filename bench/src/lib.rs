@@ -9,5 +9,6 @@ pub mod gateway;
 pub mod guest_boot;
 pub mod hostvm;
 pub mod net;
+pub mod restore;
 pub mod stats;
 pub mod vmm_boot;
