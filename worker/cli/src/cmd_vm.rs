@@ -239,6 +239,7 @@ fn restore_options(args: &VmRunArgs) -> anyhow::Result<RestoreOptions> {
         serial: serial_config(args),
         seccomp: seccomp_mode(args.seccomp),
         dirty_logging: args.api_socket.is_some(),
+        disk_overlay: args.rootfs_overlay.clone(),
     })
 }
 

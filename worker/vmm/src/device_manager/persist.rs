@@ -6,7 +6,7 @@
 //! window and GSI as when saved, so the guest's drivers find them where they were). Host-side
 //! ends are given anew by the restoring process ([`DeviceRestoreArgs`]): serial log, vsock socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,7 @@ use super::{
 };
 use crate::config::SerialConfig;
 use crate::devices::legacy::{I8042, I8042State, SerialDevice, SerialRestoreArgs, SerialSnapshot};
+use crate::devices::virtio::block::{LayerKind, SnapshotDiskError};
 use crate::devices::virtio::net::{Net, NetRestoreArgs, NetState};
 use crate::devices::virtio::{
     self, BlockState, MmioRestoreArgs, MmioTransport, MmioTransportState, Rng, RngState,
@@ -96,6 +97,29 @@ impl DeviceHandles {
                 .collect(),
         }
     }
+
+    /// [`DeviceHandles::save`] with every overlay disk's layer written into snapshot
+    /// directory `dir` (full or the clusters written since the last snapshot).
+    pub fn save_with_disks(
+        &self,
+        dir: &Path,
+        kind: LayerKind,
+    ) -> Result<DeviceManagerState, SnapshotDiskError> {
+        let mut state = self.save();
+        let mut disks = 0;
+        for (slot, saved) in self.virtio.iter().zip(&mut state.virtio) {
+            if let VirtioHandle::Block(block) = &slot.device {
+                // One layer file per snapshot directory: a second overlay disk would overwrite
+                // the first's (the VMM attaches one disk today).
+                disks += 1;
+                if disks > 1 {
+                    return Err(SnapshotDiskError::TooManyDisks);
+                }
+                saved.device = VirtioDeviceSnapshot::Block(lock(block).state_with_disk(dir, kind)?);
+            }
+        }
+        Ok(state)
+    }
 }
 
 /// What the restoring process provides for the devices.
@@ -107,6 +131,9 @@ pub struct DeviceRestoreArgs<'a> {
     pub serial: &'a SerialConfig,
     /// The vsock device's new host socket (required when the snapshot has a vsock device).
     pub vsock_uds: Option<PathBuf>,
+    /// A new (absent) copy-on-write overlay file for the disk, required when the snapshot's
+    /// disk had an overlay: its contents are recreated from the snapshot's disk layers.
+    pub disk_overlay: Option<PathBuf>,
     pub exits: &'a Arc<ExitCoordinator>,
 }
 
@@ -181,7 +208,8 @@ fn restore_device(
 ) -> Result<(&'static str, VirtioHandle), DeviceError> {
     Ok(match saved {
         VirtioDeviceSnapshot::Block(state) => {
-            let block = restore_block(state).map_err(restore_error("block"))?;
+            let block = restore_block(state, args.disk_overlay.as_deref())
+                .map_err(restore_error("block"))?;
             ("block", VirtioHandle::Block(block))
         }
         VirtioDeviceSnapshot::Vsock(state) => {
@@ -207,25 +235,13 @@ fn restore_device(
     })
 }
 
-/// The block device of a snapshot.
+/// The block device of a snapshot (see [`virtio::Block::reopen`]), checked against the saved
+/// capacity, with the saved features acknowledged.
 fn restore_block(
     state: &BlockState,
+    new_overlay: Option<&Path>,
 ) -> Result<Arc<Mutex<virtio::Block>>, Box<dyn std::error::Error + Send + Sync>> {
-    if let Some(overlay) = &state.overlay {
-        // Reopening the base writable would write the template image: refuse instead.
-        return Err(format!(
-            "disk {} used overlay {}: restoring overlay disks needs the snapshot's disk \
-             manifest (Block::restore_disk), not wired into restore yet",
-            state.path.display(),
-            overlay.display()
-        )
-        .into());
-    }
-    let block = virtio::block(virtio::BlockConfig {
-        path: state.path.clone(),
-        read_only: state.read_only,
-        overlay: None,
-    })?;
+    let block = Arc::new(Mutex::new(virtio::Block::reopen(state, new_overlay)?));
     {
         let mut dev = lock(&block);
         let found = dev.capacity_sectors();

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use crate::config::VmConfig;
 use crate::device_manager::DeviceHandles;
+use crate::devices::virtio::block::{LayerKind, SnapshotDiskError};
 use crate::event_loop::{DevicePause, EventLoopError};
 use crate::exit::ExitCoordinator;
 use crate::memory::GuestRam;
@@ -46,6 +47,8 @@ pub enum ControlError {
     Memory(#[from] SaveError),
     #[error("could not write the state file")]
     WriteState(#[from] WriteError),
+    #[error("could not save the disk")]
+    Disk(#[from] SnapshotDiskError),
 }
 
 /// What a snapshot wrote.
@@ -221,11 +224,11 @@ impl VmController {
             source,
         })?;
         let machine = self.save_machine()?;
-        let devices = self.parts.devices.save();
-        let save_kind = match kind {
-            SnapshotMode::Full => SaveKind::Full,
-            SnapshotMode::Diff { parent } => SaveKind::Diff { parent },
+        let (save_kind, layer_kind) = match kind {
+            SnapshotMode::Full => (SaveKind::Full, LayerKind::Full),
+            SnapshotMode::Diff { parent } => (SaveKind::Diff { parent }, LayerKind::Diff),
         };
+        let devices = self.parts.devices.save_with_disks(dir, layer_kind)?;
         let memory = crate::memory::snapshot::save(
             &self.parts.ram,
             &self.parts.vm,

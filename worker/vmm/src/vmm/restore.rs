@@ -30,6 +30,9 @@ pub struct RestoreOptions {
     pub seccomp: SeccompMode,
     /// Log guest writes (needed for diff snapshots of the restored VM).
     pub dirty_logging: bool,
+    /// A new overlay file for a disk saved with an overlay (its contents come back from the
+    /// snapshot's disk layers; the file must not exist).
+    pub disk_overlay: Option<PathBuf>,
 }
 
 /// Reads and checks the state file of the snapshot in `dir`.
@@ -65,6 +68,7 @@ pub fn restore_from(
             memory: ram.memory(),
             serial: &config.serial,
             vsock_uds: options.vsock_uds.clone(),
+            disk_overlay: options.disk_overlay.clone(),
             exits: &exits,
         },
         &snapshot.devices,

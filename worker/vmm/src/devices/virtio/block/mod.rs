@@ -17,4 +17,4 @@ mod request;
 
 pub use device::{Block, BlockConfig, BlockError, SECTOR_SIZE};
 pub use layer::{DiskLayer, DiskManifest, LayerError, LayerKind};
-pub use persist::{BlockState, LAYER_FILE, SnapshotDiskError};
+pub use persist::{BlockState, LAYER_FILE, ReopenError, SnapshotDiskError};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::device::Block;
+use super::device::{Block, BlockConfig, BlockError};
 use super::layer::{self, DiskManifest, LayerError, LayerKind};
 use super::overlay::CLUSTER_SIZE;
 use crate::devices::virtio::device::VirtioDevice;
@@ -30,6 +30,10 @@ pub struct BlockState {
     /// recreates its contents from the [`DiskManifest`]).
     #[serde(default)]
     pub overlay: Option<PathBuf>,
+    /// The layers that recreate an overlay disk's contents, when the state was saved with
+    /// [`Block::snapshot_disk`] (absent in states saved without disk layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskManifest>,
 }
 
 /// Why a disk snapshot could not be taken.
@@ -47,9 +51,56 @@ pub enum SnapshotDiskError {
     },
     #[error("cannot write the disk layer")]
     Layer(#[from] LayerError),
+    #[error("only one disk per VM can be snapshotted (one disk layer file per snapshot)")]
+    TooManyDisks,
+}
+
+/// Why a saved disk could not be reopened.
+#[derive(Debug, thiserror::Error)]
+pub enum ReopenError {
+    #[error(
+        "disk {path} was saved with the overlay {saved}: give a new overlay file for the \
+         restored disk (--rootfs-overlay PATH)"
+    )]
+    NeedsOverlay { path: PathBuf, saved: PathBuf },
+    #[error("disk {path} used the overlay {saved} but the snapshot holds no disk layers")]
+    NoLayers { path: PathBuf, saved: PathBuf },
+    #[error(transparent)]
+    Block(#[from] BlockError),
 }
 
 impl Block {
+    /// The disk of a saved [`BlockState`]: a read-only or raw disk reopened; an overlay disk
+    /// recreated in the new overlay file `new_overlay` from the saved layers, over the same base
+    /// image (never opened writable). `new_overlay` is ignored for a disk without overlay.
+    pub fn reopen(state: &BlockState, new_overlay: Option<&Path>) -> Result<Self, ReopenError> {
+        let Some(saved) = &state.overlay else {
+            return Ok(Self::new(BlockConfig {
+                path: state.path.clone(),
+                read_only: state.read_only,
+                overlay: None,
+            })?);
+        };
+        let Some(new_overlay) = new_overlay else {
+            return Err(ReopenError::NeedsOverlay {
+                path: state.path.clone(),
+                saved: saved.clone(),
+            });
+        };
+        let Some(manifest) = &state.disk else {
+            return Err(ReopenError::NoLayers {
+                path: state.path.clone(),
+                saved: saved.clone(),
+            });
+        };
+        let config = BlockConfig {
+            path: state.path.clone(),
+            read_only: false,
+            overlay: Some(new_overlay.to_owned()),
+        };
+        Ok(Self::restore_disk(config, manifest)?)
+    }
+
     /// The device's snapshot state.
     pub fn state(&self) -> BlockState {
         BlockState {
@@ -64,7 +115,21 @@ impl Block {
             read_only: self.config.read_only,
             capacity_sectors: self.capacity_sectors(),
             overlay: self.config.overlay.clone(),
+            disk: None,
         }
+    }
+
+    /// [`Block::state`] with the disk saved into `dir` by [`Block::snapshot_disk`] (overlay
+    /// disks only; a read-only raw disk has nothing to save).
+    pub fn state_with_disk(
+        &mut self,
+        dir: &Path,
+        kind: LayerKind,
+    ) -> Result<BlockState, SnapshotDiskError> {
+        let disk = self.snapshot_disk(dir, kind)?;
+        let mut state = self.state();
+        state.disk = (!disk.layers.is_empty()).then_some(disk);
+        Ok(state)
     }
 
     /// Saves the disk into snapshot directory `dir` (absolute) as `disk0.layer` and returns the
@@ -185,6 +250,51 @@ mod tests {
         let mut buf = vec![0u8; 128 * 1024];
         Overlay::read_at(&ov, &mut buf, 0).unwrap();
         assert_eq!(buf, read_all(&restored));
+    }
+
+    #[test]
+    fn a_saved_overlay_disk_reopens_from_its_layers_into_a_new_overlay_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![5u8; 256 * 1024]).unwrap();
+        let mut blk = Block::new(BlockConfig {
+            path: base.clone(),
+            read_only: false,
+            overlay: Some(dir.path().join("live.cow")),
+        })
+        .unwrap();
+        write(&mut blk, 4096, &[9; 8192]);
+        let snap = dir.path().join("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        let state = blk.state_with_disk(&snap, LayerKind::Full).unwrap();
+        assert!(state.disk.as_ref().is_some_and(|d| d.layers.len() == 1));
+
+        let reopened = Block::reopen(&state, Some(&dir.path().join("clone.cow"))).unwrap();
+        assert_eq!(read_all(&reopened), read_all(&blk));
+        assert_eq!(reopened.state().overlay, Some(dir.path().join("clone.cow")));
+
+        let err = Block::reopen(&state, None).unwrap_err();
+        assert!(err.to_string().contains("--rootfs-overlay"), "{err}");
+        let without_layers = BlockState {
+            disk: None,
+            ..state.clone()
+        };
+        let err = Block::reopen(&without_layers, Some(&dir.path().join("x.cow"))).unwrap_err();
+        assert!(matches!(err, ReopenError::NoLayers { .. }), "{err}");
+        assert_eq!(std::fs::read(&base).unwrap(), vec![5u8; 256 * 1024]);
+
+        // A read-only disk has no layers and ignores a new overlay.
+        let mut ro = Block::new(BlockConfig {
+            path: base.clone(),
+            read_only: true,
+            overlay: None,
+        })
+        .unwrap();
+        let state = ro.state_with_disk(&snap, LayerKind::Full).unwrap();
+        assert_eq!(state.disk, None);
+        let reopened = Block::reopen(&state, Some(&dir.path().join("y.cow"))).unwrap();
+        assert_eq!(reopened.state().overlay, None);
+        assert!(!dir.path().join("y.cow").exists());
     }
 
     #[test]
