@@ -193,10 +193,12 @@ fn restore_from(args: &SandboxRunArgs, name: TemplateName) -> anyhow::Result<Sta
         .clone()
         .unwrap_or_else(|| format!("sb-{}", std::process::id()));
     let hostname = args.hostname.clone().unwrap_or_else(|| id.clone());
-    let mut identity = IdentityRequest::new(id, hostname)
-        .context("cannot read entropy from the host's getrandom")?;
-    identity.env_vars = args.env.iter().cloned().collect();
-    identity.access_token = args.access_token.clone();
+    let identity = roost_worker::manager::clone_identity(
+        &id,
+        &hostname,
+        args.env.iter().cloned().collect(),
+        args.access_token.clone(),
+    )?;
     let mut config = RestoreConfig::new(
         template.snapshot_dir,
         root.join(format!("sandbox-{}", std::process::id())),

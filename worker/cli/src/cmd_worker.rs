@@ -33,6 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::cmd_sandbox::SeccompArg;
 use crate::cmd_serve::parse_duration;
 
+/// vCPUs offered per host CPU by default.
+const VCPU_OVERCOMMIT: u32 = 4;
+
 /// The file in the data directory that holds the worker's identity.
 pub const CREDENTIALS_FILE: &str = "worker-credentials.json";
 
@@ -61,7 +64,8 @@ pub struct ServeWorkerArgs {
     /// Also offer the snapshot directory DIR (holding `vm.state`) as template ID (repeatable).
     #[arg(long = "template-dir", value_name = "ID=DIR", value_parser = parse_template_dir)]
     template_dirs: Vec<(String, PathBuf)>,
-    /// vCPUs offered [default: the host's CPUs].
+    /// vCPUs offered [default: 4 per host CPU: sandboxes mostly idle, so vCPUs are
+    /// overcommitted; their cgroups bound what each may use].
     #[arg(long)]
     vcpus: Option<u32>,
     /// Memory offered in MiB [default: the host's memory].
@@ -379,6 +383,7 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
                 .ok()
                 .and_then(|n| u32::try_from(n.get()).ok())
                 .unwrap_or(1)
+                .saturating_mul(VCPU_OVERCOMMIT)
         }),
         memory_mib: args.memory_mib.unwrap_or_else(host_memory_mib),
         disk_mib: args.disk_mib,
@@ -499,7 +504,8 @@ async fn join_loop(
                 tokio::select! {
                     reason = session.closed() => {
                         tracing::warn!(%reason, "the control connection ended; re-joining");
-                        eprintln!("roost worker: lost control ({reason}); re-joining");
+                        println!("roost worker: lost control ({reason}); re-joining");
+                        std::io::stdout().flush().ok();
                     }
                     () = &mut shutdown => {
                         session.leave().await;

@@ -455,11 +455,12 @@ impl<B: VmBackend> SandboxManager<B> {
     }
 
     fn identity(spec: &CreateSandbox) -> Result<IdentityRequest, ManagerError> {
-        let mut identity = IdentityRequest::new(spec.sandbox_id.clone(), spec.sandbox_id.clone())
-            .map_err(|e| ManagerError::Identity(e.to_string()))?;
-        identity.env_vars = spec.env_vars.clone();
-        identity.access_token = spec.envd_access_token.clone();
-        Ok(identity)
+        clone_identity(
+            &spec.sandbox_id,
+            &spec.sandbox_id,
+            spec.env_vars.clone(),
+            spec.envd_access_token.clone(),
+        )
     }
 
     /// Restores `snapshot` as sandbox `spec.sandbox_id` and joins it to its cgroup and route.
@@ -907,6 +908,21 @@ impl<B: VmBackend> SandboxManager<B> {
             tracing::warn!("cannot empty the runtime root: {e}");
         }
     }
+}
+
+/// The identity a restored clone gets (also `roost sandbox run --template`): its id and
+/// hostname, env vars, envd access token, fresh entropy from the host and the wall clock.
+pub fn clone_identity(
+    sandbox_id: &str,
+    hostname: &str,
+    env_vars: BTreeMap<String, String>,
+    access_token: Option<String>,
+) -> Result<IdentityRequest, ManagerError> {
+    let mut identity = IdentityRequest::new(sandbox_id, hostname)
+        .map_err(|e| ManagerError::Identity(e.to_string()))?;
+    identity.env_vars = env_vars;
+    identity.access_token = access_token;
+    Ok(identity)
 }
 
 /// Removes every generation in a paused directory but `keep` (diffs hard-link what they

@@ -1,0 +1,502 @@
+//! `roost serve worker` on real KVM, driven by a real `roost serve control`: control runs on
+//! this machine (SQLite in a temporary data directory); inside the host VM a script builds the
+//! `base` template and starts the worker with a registration token, which reaches control at
+//! 10.0.2.2 through QEMU's user networking (REST for registration, the QUIC channel through
+//! `--channel-public-addr`). The test then uses the E2B API with a tenant's API key: create a
+//! sandbox, see it running (state and a metrics sample from its VMM), pause, resume, pause,
+//! resume, create a second one, kill the first; then it lets the script SIGTERM the worker,
+//! which must stop the second VM and leave nothing in its runtime root and no VMM process.
+//!
+//! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p roost-agent`)
+//! and the `kernel` and `rootfs-base` artefacts (`roost images build`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roost_hostvm::HostVm;
+use roost_hostvm::script::ScriptRun;
+use serde_json::{Value, json};
+
+const ROOST: &str = env!("CARGO_BIN_EXE_roost");
+const ADMIN_EMAIL: &str = "ops@example.com";
+const ADMIN_PASSWORD: &str = "correct-horse-battery";
+/// Template build plus worker start inside the host VM.
+const JOIN_WITHIN: Duration = Duration::from_secs(1500);
+
+const SCRIPT: &str = r#"
+result() { echo "RESULT $1 $2"; }
+RT=/tmp/worker-rt
+WD=/tmp/worker-data
+roost_procs() {
+  for d in /proc/[0-9]*; do
+    c=$(tr '\0' ' ' < $d/cmdline 2>/dev/null)
+    set -- $c
+    case "$1 $2 $3" in roost" "*" run"|*/roost" "*" run")
+      case "$2" in vm|sandbox) echo "${d#/proc/} $c";; esac;;
+    esac
+  done
+}
+roost templates build --image base --runtime-root /tmp/build-rt --ready-timeout 240 \
+    > /tmp/build.out 2>/tmp/build.err
+result build $?
+RUST_LOG=info,roost_worker=debug roost serve worker --control-url http://10.0.2.2:$API_PORT \
+    --data-dir $WD --runtime-root $RT --template base --ready-timeout 240 --max-backoff 5s \
+    > /tmp/worker.out 2>/tmp/worker.err &
+W=$!
+# The test drives control's API; it answers `done` on its signal port when it has finished.
+i=0
+until wget -q -O - http://10.0.2.2:$SIGNAL_PORT/ 2>/dev/null | grep -q done; do
+  i=$((i+1))
+  if [ $i -gt 2400 ]; then result signal timeout; break; fi
+  sleep 1
+done
+result running-vmms "$(roost_procs | wc -l)"
+kill -TERM $W
+i=0
+while kill -0 $W 2>/dev/null; do
+  i=$((i+1))
+  if [ $i -gt 120 ]; then result worker-stop timeout; kill -9 $W; break; fi
+  sleep 1
+done
+wait $W
+result worker-exit $?
+result leftover-files "$(find $RT -mindepth 1 | wc -l)"
+find $RT -mindepth 1 | sed 's/^/LEFTOVER /'
+result leftover-procs "$(roost_procs | wc -l)"
+roost_procs | sed 's/^/PROC /'
+result paused-left "$(ls $WD/paused | wc -l)"
+result creds-mode "$(stat -c %a $WD/worker-credentials.json)"
+sed 's/^/WORKER-OUT /' /tmp/worker.out
+sed 's/^/WORKER-ERR /' /tmp/worker.err | tail -n 200
+sed 's/^/BUILD-ERR /' /tmp/build.err | tail -n 40
+"#;
+
+/// A running `roost serve control`.
+struct Control {
+    child: Child,
+    api: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Control {
+    fn start(data_dir: &std::path::Path, channel_port: u16) -> Self {
+        let mut child = Command::new(ROOST)
+            .args(["serve", "control", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--channel-listen", &format!("127.0.0.1:{channel_port}")])
+            .args(["--channel-public-addr", &format!("10.0.2.2:{channel_port}")])
+            .args(["--heartbeat-interval", "1s", "--host-lost-after", "60s"])
+            .args(["--bootstrap-admin", ADMIN_EMAIL])
+            .env("ROOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("RUST_LOG", "info")
+            .env_remove("ROOST_DATABASE_URL")
+            .env_remove("ROOST_REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn roost serve control");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200))
+                && let Some(rest) = line.strip_prefix("roost control: REST API on http://")
+            {
+                let api = rest.split(',').next().unwrap().parse().unwrap();
+                return Self { child, api, stderr };
+            }
+            if child.try_wait().unwrap().is_some() || Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!(
+                    "roost serve control did not start; stderr:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`): status and JSON body (Null if none).
+fn http(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(api).expect("connect to control");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {api}\r\nconnection: close\r\n{auth}\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn bearer(token: &str) -> String {
+    format!("authorization: Bearer {token}\r\n")
+}
+
+fn api_key(key: &str) -> String {
+    format!("x-api-key: {key}\r\n")
+}
+
+/// Answers `wait` until `done` is set, then `done`.
+fn signal_server(done: Arc<AtomicBool>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let word = if done.load(Ordering::SeqCst) {
+                "done"
+            } else {
+                "wait"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{word}",
+                word.len()
+            );
+        }
+    });
+    port
+}
+
+/// What the test saw through control's API.
+#[derive(Debug, Default)]
+struct Seen {
+    log: Vec<String>,
+}
+
+impl Seen {
+    fn note(&mut self, line: String) {
+        eprintln!("worker_in_host_vm: {line}");
+        self.log.push(line);
+    }
+}
+
+fn state_of(api: SocketAddr, key: &str, id: &str) -> String {
+    let (status, body) = http(
+        api,
+        "GET",
+        &format!("/v1/sandboxes/{id}"),
+        &api_key(key),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    body["state"].as_str().unwrap_or("").to_owned()
+}
+
+/// The whole API conversation; the second sandbox is left running for the worker's SIGTERM.
+fn drive(api: SocketAddr, seen: &mut Seen, script_done: &AtomicBool) -> Result<(), String> {
+    let (status, login) = http(
+        api,
+        "POST",
+        "/v1/auth/login",
+        "",
+        Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
+    );
+    if status != 200 {
+        return Err(format!("login: {status} {login}"));
+    }
+    let admin = login["token"].as_str().unwrap().to_owned();
+    let (status, user) = http(
+        api,
+        "POST",
+        "/v1/auth/signup",
+        "",
+        Some(json!({"email": "dev@example.com", "password": "password123"})),
+    );
+    if status != 201 {
+        return Err(format!("signup: {status} {user}"));
+    }
+    let (status, key) = http(
+        api,
+        "POST",
+        &format!("/v1/teams/{}/api-keys", user["teamId"].as_str().unwrap()),
+        &bearer(user["token"].as_str().unwrap()),
+        Some(json!({"name": "ci"})),
+    );
+    if status != 201 {
+        return Err(format!("api key: {status} {key}"));
+    }
+    let key = key["key"].as_str().unwrap().to_owned();
+
+    // Wait for the worker (after the template build inside the host VM).
+    let deadline = Instant::now() + JOIN_WITHIN;
+    let host = loop {
+        let (status, hosts) = http(api, "GET", "/v1/admin/hosts", &bearer(&admin), None);
+        if status == 200
+            && let Some(h) = hosts.as_array().and_then(|a| {
+                a.iter().find(|h| {
+                    h["state"] == "ready"
+                        && h["templates"]
+                            .as_array()
+                            .is_some_and(|t| t.iter().any(|t| t == "base"))
+                })
+            })
+        {
+            break h.clone();
+        }
+        if Instant::now() >= deadline || script_done.load(Ordering::SeqCst) {
+            return Err(format!("no ready worker offering base; hosts: {hosts}"));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    seen.note(format!("worker joined: {host}"));
+
+    let timed = |seen: &mut Seen, what: &str, method: &str, path: &str, body: Option<Value>| {
+        let started = Instant::now();
+        let (status, reply) = http(api, method, path, &api_key(&key), body);
+        seen.note(format!(
+            "{what}: {status} in {} ms: {reply}",
+            started.elapsed().as_millis()
+        ));
+        (status, reply)
+    };
+    let (status, created) = timed(
+        seen,
+        "create",
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "base", "timeout": 3600})),
+    );
+    if status != 201 {
+        return Err(format!("create: {status} {created}"));
+    }
+    let id = created["sandboxID"].as_str().unwrap().to_owned();
+    let state = state_of(api, &key, &id);
+    if state != "running" {
+        return Err(format!("after create: state {state}"));
+    }
+    let (status, metrics) = timed(
+        seen,
+        "metrics",
+        "GET",
+        &format!("/sandboxes/{id}/metrics"),
+        None,
+    );
+    if status != 200 {
+        return Err(format!("metrics: {status} {metrics}"));
+    }
+    for cycle in 1..=2 {
+        let (status, body) = timed(
+            seen,
+            &format!("pause {cycle}"),
+            "POST",
+            &format!("/sandboxes/{id}/pause"),
+            None,
+        );
+        if status != 204 {
+            return Err(format!("pause {cycle}: {status} {body}"));
+        }
+        let state = state_of(api, &key, &id);
+        if state != "paused" {
+            return Err(format!("after pause {cycle}: state {state}"));
+        }
+        let (status, body) = timed(
+            seen,
+            &format!("resume {cycle}"),
+            "POST",
+            &format!("/sandboxes/{id}/resume"),
+            Some(json!({"timeout": 3600})),
+        );
+        if status != 201 {
+            return Err(format!("resume {cycle}: {status} {body}"));
+        }
+        let state = state_of(api, &key, &id);
+        if state != "running" {
+            return Err(format!("after resume {cycle}: state {state}"));
+        }
+    }
+    let (status, second) = timed(
+        seen,
+        "create second",
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "base", "timeout": 3600})),
+    );
+    if status != 201 {
+        return Err(format!("second create: {status} {second}"));
+    }
+    let (status, body) = timed(seen, "kill", "DELETE", &format!("/sandboxes/{id}"), None);
+    if status != 204 {
+        return Err(format!("kill: {status} {body}"));
+    }
+    let (status, _) = http(
+        api,
+        "GET",
+        &format!("/v1/sandboxes/{id}"),
+        &api_key(&key),
+        None,
+    );
+    seen.note(format!("after kill: GET {status}"));
+    Ok(())
+}
+
+#[test]
+fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
+    let data = tempfile::tempdir().unwrap();
+    let channel_port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let control = Control::start(data.path(), channel_port);
+    let api = control.api;
+    let (status, login) = http(
+        api,
+        "POST",
+        "/v1/auth/login",
+        "",
+        Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
+    );
+    assert_eq!(status, 200, "{login}");
+    let (status, token) = http(
+        api,
+        "POST",
+        "/v1/admin/workers/registration-tokens",
+        &bearer(login["token"].as_str().unwrap()),
+        Some(json!({"name": "host-vm", "ttlSecs": 3600})),
+    );
+    assert_eq!(status, 201, "{token}");
+    let token = token["token"].as_str().unwrap().to_owned();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let signal_port = signal_server(done.clone());
+    let script_done = Arc::new(AtomicBool::new(false));
+    let finished = script_done.clone();
+    let vm = std::thread::spawn(move || {
+        let run = ScriptRun::run(
+            HostVm::builder()
+                .timeout(Duration::from_secs(2700))
+                .mem_mib(4096)
+                .env("API_PORT", api.port().to_string())
+                .env("SIGNAL_PORT", signal_port.to_string())
+                .env("ROOST_WORKER_TOKEN", token),
+            SCRIPT,
+            &["kernel", "rootfs-base"],
+        );
+        finished.store(true, Ordering::SeqCst);
+        run
+    });
+
+    let mut seen = Seen::default();
+    let outcome = drive(api, &mut seen, &script_done);
+    done.store(true, Ordering::SeqCst);
+    let run = vm.join().unwrap().unwrap_or_else(|e| {
+        panic!("host VM run (needs release binaries: cargo build --release -p roost): {e:#?}")
+    });
+    let all = format!(
+        "{}\nAPI log:\n{}\ncontrol stderr (tail):\n{}",
+        run.transcript(),
+        seen.log.join("\n"),
+        tail(&control.stderr.lock().unwrap(), 6000)
+    );
+    if let Err(e) = outcome {
+        panic!("{e}\n{all}");
+    }
+    let get = |key: &str| run.expect_result(key).to_owned();
+    assert_eq!(get("build"), "0", "the base template builds; {all}");
+    assert_eq!(
+        get("running-vmms"),
+        "1",
+        "the second sandbox's VMM runs before SIGTERM; {all}"
+    );
+    assert_eq!(get("worker-exit"), "0", "SIGTERM stops the worker; {all}");
+    assert_eq!(
+        get("leftover-files"),
+        "0",
+        "the runtime root is empty; {all}"
+    );
+    assert_eq!(get("leftover-procs"), "0", "no VMM left; {all}");
+    assert_eq!(
+        get("paused-left"),
+        "0",
+        "the killed sandbox's snapshots are gone; {all}"
+    );
+    assert_eq!(get("creds-mode"), "600", "credentials are private; {all}");
+    assert_eq!(run.exit_code, 0, "{all}");
+}
+
+fn tail(text: &str, max: usize) -> &str {
+    let start = text.len().saturating_sub(max);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    &text[start..]
+}
