@@ -99,11 +99,14 @@ pub enum HostVmError {
         console: String,
     },
     #[error(
-        "the host VM run exceeded its {limit:?} timeout (last stage: {stage}); QEMU was killed\n--- host VM console (last lines) ---\n{console}"
+        "the host VM run exceeded its {limit:?} timeout (last stage: {stage}); QEMU was killed\n--- command output so far (last lines; captured runs only) ---\n{output}\n--- host VM console (last lines) ---\n{console}"
     )]
     Timeout {
         limit: Duration,
         stage: String,
+        /// The tail of what the command printed before the timeout (with
+        /// [`HostVm::capture_output`]; otherwise it went to this process's stdout already).
+        output: String,
         console: String,
     },
     #[error(

@@ -36,6 +36,8 @@ const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
 const BOOT_ATTEMPTS: u32 = 2;
 /// Console lines quoted in errors.
 const CONSOLE_TAIL: usize = 40;
+/// Lines of captured command output kept in a timeout error.
+const OUTPUT_TAIL: usize = 60;
 
 /// Which stream a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,6 +467,18 @@ impl Session {
         }
     }
 
+    /// The last [`OUTPUT_TAIL`] lines the command printed so far (captured runs only).
+    fn captured_tail(&self) -> String {
+        let buffers = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&buffers.0),
+            String::from_utf8_lossy(&buffers.1)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(OUTPUT_TAIL)..].join("\n")
+    }
+
     fn run(
         &mut self,
         args: &[std::ffi::OsString],
@@ -554,6 +568,7 @@ impl Session {
                     return Err(HostVmError::Timeout {
                         limit: self.vm.timeout,
                         stage: state.stage.clone(),
+                        output: self.captured_tail(),
                         console: tail(&self.endpoints.console_log, CONSOLE_TAIL),
                     });
                 }

@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use ready::ReadyCheck;
 
 use crate::vm_handle::{
-    BootError, SeccompMode, SnapshotInfo, SnapshotKind, VmError, VmHandle, VmHandleConfig,
+    BootError, RootfsMode, SeccompMode, SnapshotInfo, SnapshotKind, VmError, VmHandle,
+    VmHandleConfig,
 };
 
 /// Cache kind of templates.
@@ -239,6 +240,8 @@ async fn boot_and_snapshot(spec: &TemplateSpec, staging: &Path) -> Result<(), Te
     config.ready_timeout = spec.ready_timeout;
     config.seccomp = spec.seccomp;
     config.control_api = true;
+    // Clones get their own writable disk from the template's overlay layer.
+    config.rootfs_mode = RootfsMode::Overlay;
     let vm = VmHandle::boot(config).await?;
     tracing::info!(template = %spec.name, ms = vm.boot_to_ready().as_millis(), "template VM ready");
     if let Some(command) = &spec.start_command {

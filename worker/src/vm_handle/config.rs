@@ -23,6 +23,10 @@ pub enum RootfsMode {
     ReadOnly,
     /// A private copy in the runtime directory, writable, deleted with the VM.
     WritableCopy,
+    /// The shared image read-only under a copy-on-write overlay file in the runtime directory:
+    /// the guest sees a writable disk, the image stays untouched, and snapshots carry the
+    /// overlay's clusters (a template built so gives every clone its own writable disk).
+    Overlay,
 }
 
 /// What the VMM's seccomp filters do with a syscall outside a thread's allowlist

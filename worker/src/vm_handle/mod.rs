@@ -89,7 +89,7 @@ impl VmHandle {
         config.validate()?;
         let runtime_dir = RuntimeDir::create(&config.runtime_dir)?;
         let rootfs = match config.rootfs_mode {
-            RootfsMode::ReadOnly => config.rootfs.clone(),
+            RootfsMode::ReadOnly | RootfsMode::Overlay => config.rootfs.clone(),
             RootfsMode::WritableCopy => {
                 let copy = runtime_dir.rootfs_copy();
                 let (from, to) = (config.rootfs.clone(), copy.clone());
@@ -483,8 +483,14 @@ fn vmm_command(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
-    if config.rootfs_mode == RootfsMode::ReadOnly {
-        command.arg("--rootfs-ro");
+    match config.rootfs_mode {
+        RootfsMode::ReadOnly => {
+            command.arg("--rootfs-ro");
+        }
+        RootfsMode::Overlay => {
+            command.arg("--rootfs-overlay").arg(dir.rootfs_overlay());
+        }
+        RootfsMode::WritableCopy => {}
     }
     if let Some(extra) = &config.cmdline_extra {
         command.arg("--append").arg(extra);
@@ -511,6 +517,10 @@ fn restore_command(config: &RestoreConfig, dir: &RuntimeDir) -> Result<Command, 
         .arg(dir.serial_log())
         .arg("--api-socket")
         .arg(dir.api_socket())
+        // Used only when the snapshot's disk had an overlay: the clone's own copy-on-write
+        // disk, recreated from the snapshot's layers.
+        .arg("--rootfs-overlay")
+        .arg(dir.rootfs_overlay())
         .args(["--seccomp", config.seccomp.as_arg()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

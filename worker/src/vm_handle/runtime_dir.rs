@@ -46,6 +46,11 @@ impl RuntimeDir {
     }
 
     /// The guest's serial console (`--serial-log`).
+    /// The copy-on-write overlay over the root filesystem image (overlay disks).
+    pub fn rootfs_overlay(&self) -> PathBuf {
+        self.path.join("rootfs.cow")
+    }
+
     /// The page server's socket (userfaultfd restores).
     pub fn pager_socket(&self) -> PathBuf {
         self.path.join("pager.sock")

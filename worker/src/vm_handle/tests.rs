@@ -366,7 +366,7 @@ async fn restore_retries_until_the_agent_answers_and_hands_it_its_identity() {
         args,
         format!(
             "vm run --restore {snap} --vsock-uds {dir}/vsock.sock --serial-log {dir}/serial.log \
-             --api-socket {dir}/api.sock --seccomp enforce\n",
+             --api-socket {dir}/api.sock --rootfs-overlay {dir}/rootfs.cow --seccomp enforce\n",
             snap = snapshot.display(),
             dir = dir.display()
         )

@@ -23,12 +23,14 @@ const SCRIPT: &str = r#"
 result() { echo "RESULT $1 $2"; }
 S=/tmp/snap
 mkdir -p $S
-CTL="timeout 120 roost-agent-ctl --vsock-uds /tmp/vm.sock"
-API="timeout 300 roost vm api /tmp/api.sock"
+CTL="timeout 30 roost-agent-ctl --vsock-uds /tmp/vm.sock"
+API="timeout 120 roost vm api /tmp/api.sock"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 # Until the agent answers an exec (after a restore its vsock connections were reset).
 wait_agent() {
-  i=0; until $CTL exec -- true > /dev/null 2>&1; do i=$((i+1)); [ $i -lt 120 ] || return 1; usleep 250000; done
+  i=0; until timeout 5 roost-agent-ctl --vsock-uds /tmp/vm.sock exec -- true > /dev/null 2>&1; do
+    i=$((i+1)); [ $i -lt 40 ] || return 1; sleep 0.25
+  done
 }
 roost_procs() {
   for d in /proc/[0-9]*; do
@@ -75,6 +77,7 @@ while [ $CYCLE -lt __CYCLES__ ]; do
   V=$!
   if ! wait_agent; then FAILED="$FAILED agent@$CYCLE"; kill -9 $V; wait $V; break; fi
   echo "TIMING restore-to-exec cycle $CYCLE $(( $(now_ms) - T0 )) ms"
+  echo "PROGRESS cycle $CYCLE restored"
   LOG=$(check_log)
   case "$LOG" in
     "ok "*) N=${LOG#ok }; [ "$N" -gt "$LAST_N" ] || FAILED="$FAILED stalled@$CYCLE($N)"; LAST_N=$N;;

@@ -134,6 +134,8 @@ pub struct DeviceRestoreArgs<'a> {
     /// A new (absent) copy-on-write overlay file for the disk, required when the snapshot's
     /// disk had an overlay: its contents are recreated from the snapshot's disk layers.
     pub disk_overlay: Option<PathBuf>,
+    /// The snapshot directory being restored (its disk layers are named relative to it).
+    pub snapshot_dir: &'a Path,
     pub exits: &'a Arc<ExitCoordinator>,
 }
 
@@ -208,7 +210,7 @@ fn restore_device(
 ) -> Result<(&'static str, VirtioHandle), DeviceError> {
     Ok(match saved {
         VirtioDeviceSnapshot::Block(state) => {
-            let block = restore_block(state, args.disk_overlay.as_deref())
+            let block = restore_block(state, args.snapshot_dir, args.disk_overlay.as_deref())
                 .map_err(restore_error("block"))?;
             ("block", VirtioHandle::Block(block))
         }
@@ -239,9 +241,14 @@ fn restore_device(
 /// capacity, with the saved features acknowledged.
 fn restore_block(
     state: &BlockState,
+    snapshot_dir: &Path,
     new_overlay: Option<&Path>,
 ) -> Result<Arc<Mutex<virtio::Block>>, Box<dyn std::error::Error + Send + Sync>> {
-    let block = Arc::new(Mutex::new(virtio::Block::reopen(state, new_overlay)?));
+    let block = Arc::new(Mutex::new(virtio::Block::reopen(
+        state,
+        snapshot_dir,
+        new_overlay,
+    )?));
     {
         let mut dev = lock(&block);
         let found = dev.capacity_sectors();

@@ -69,6 +69,7 @@ pub fn restore_from(
             serial: &config.serial,
             vsock_uds: options.vsock_uds.clone(),
             disk_overlay: options.disk_overlay.clone(),
+            snapshot_dir: dir,
             exits: &exits,
         },
         &snapshot.devices,

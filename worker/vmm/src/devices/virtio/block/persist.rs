@@ -71,9 +71,14 @@ pub enum ReopenError {
 
 impl Block {
     /// The disk of a saved [`BlockState`]: a read-only or raw disk reopened; an overlay disk
-    /// recreated in the new overlay file `new_overlay` from the saved layers, over the same base
-    /// image (never opened writable). `new_overlay` is ignored for a disk without overlay.
-    pub fn reopen(state: &BlockState, new_overlay: Option<&Path>) -> Result<Self, ReopenError> {
+    /// recreated in the new overlay file `new_overlay` from the saved layers (relative ones
+    /// are in `snapshot_dir`), over the same base image (never opened writable). `new_overlay`
+    /// is ignored for a disk without overlay.
+    pub fn reopen(
+        state: &BlockState,
+        snapshot_dir: &Path,
+        new_overlay: Option<&Path>,
+    ) -> Result<Self, ReopenError> {
         let Some(saved) = &state.overlay else {
             return Ok(Self::new(BlockConfig {
                 path: state.path.clone(),
@@ -93,12 +98,18 @@ impl Block {
                 saved: saved.clone(),
             });
         };
+        let mut manifest = manifest.clone();
+        for layer in &mut manifest.layers {
+            if layer.path.is_relative() {
+                layer.path = snapshot_dir.join(&layer.path);
+            }
+        }
         let config = BlockConfig {
             path: state.path.clone(),
             read_only: false,
             overlay: Some(new_overlay.to_owned()),
         };
-        Ok(Self::restore_disk(config, manifest)?)
+        Ok(Self::restore_disk(config, &manifest)?)
     }
 
     /// The device's snapshot state.
@@ -120,13 +131,20 @@ impl Block {
     }
 
     /// [`Block::state`] with the disk saved into `dir` by [`Block::snapshot_disk`] (overlay
-    /// disks only; a read-only raw disk has nothing to save).
+    /// disks only; a read-only raw disk has nothing to save). Layers inside `dir` are recorded
+    /// relative to it, so the snapshot directory may be moved (a template is built in a
+    /// staging directory, then renamed into the cache); older layers keep their absolute paths.
     pub fn state_with_disk(
         &mut self,
         dir: &Path,
         kind: LayerKind,
     ) -> Result<BlockState, SnapshotDiskError> {
-        let disk = self.snapshot_disk(dir, kind)?;
+        let mut disk = self.snapshot_disk(dir, kind)?;
+        for layer in &mut disk.layers {
+            if let Ok(inside) = layer.path.strip_prefix(dir) {
+                layer.path = inside.to_owned();
+            }
+        }
         let mut state = self.state();
         state.disk = (!disk.layers.is_empty()).then_some(disk);
         Ok(state)
@@ -267,19 +285,29 @@ mod tests {
         let snap = dir.path().join("snap");
         std::fs::create_dir_all(&snap).unwrap();
         let state = blk.state_with_disk(&snap, LayerKind::Full).unwrap();
-        assert!(state.disk.as_ref().is_some_and(|d| d.layers.len() == 1));
+        let layers = &state.disk.as_ref().unwrap().layers;
+        assert_eq!(layers.len(), 1);
+        assert_eq!(
+            layers[0].path,
+            Path::new(LAYER_FILE),
+            "relative to the snapshot"
+        );
 
-        let reopened = Block::reopen(&state, Some(&dir.path().join("clone.cow"))).unwrap();
+        // The snapshot directory moved (as a template into the cache): still found.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&snap, &moved).unwrap();
+        let reopened = Block::reopen(&state, &moved, Some(&dir.path().join("clone.cow"))).unwrap();
         assert_eq!(read_all(&reopened), read_all(&blk));
         assert_eq!(reopened.state().overlay, Some(dir.path().join("clone.cow")));
 
-        let err = Block::reopen(&state, None).unwrap_err();
+        let err = Block::reopen(&state, &moved, None).unwrap_err();
         assert!(err.to_string().contains("--rootfs-overlay"), "{err}");
         let without_layers = BlockState {
             disk: None,
             ..state.clone()
         };
-        let err = Block::reopen(&without_layers, Some(&dir.path().join("x.cow"))).unwrap_err();
+        let err =
+            Block::reopen(&without_layers, &moved, Some(&dir.path().join("x.cow"))).unwrap_err();
         assert!(matches!(err, ReopenError::NoLayers { .. }), "{err}");
         assert_eq!(std::fs::read(&base).unwrap(), vec![5u8; 256 * 1024]);
 
@@ -290,9 +318,10 @@ mod tests {
             overlay: None,
         })
         .unwrap();
+        std::fs::create_dir_all(&snap).unwrap();
         let state = ro.state_with_disk(&snap, LayerKind::Full).unwrap();
         assert_eq!(state.disk, None);
-        let reopened = Block::reopen(&state, Some(&dir.path().join("y.cow"))).unwrap();
+        let reopened = Block::reopen(&state, &snap, Some(&dir.path().join("y.cow"))).unwrap();
         assert_eq!(reopened.state().overlay, None);
         assert!(!dir.path().join("y.cow").exists());
     }
