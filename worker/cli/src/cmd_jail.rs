@@ -35,6 +35,10 @@ pub struct JailRunArgs {
     /// Join this network namespace (e.g. /run/netns/roost-<id>); default: a new empty one.
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
+    /// Open this tap of the jail's network namespace before dropping privileges and give it
+    /// to the program as fd 3 (for `roost vm run --net-tap-fd 3`).
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
     /// Host name inside the jail.
     #[arg(long, default_value = "roost-vmm")]
     hostname: String,
@@ -202,6 +206,7 @@ fn spec_from(args: JailRunArgs) -> anyhow::Result<JailSpec> {
         uid: args.uid,
         gid: args.gid,
         netns: args.netns,
+        tap: args.tap,
         hostname: args.hostname,
         mounts,
         devices: args.devices,

@@ -120,6 +120,45 @@ result vm2-left-before-clean "$([ -e $J/vm2 ] && echo yes || echo no)"
 timeout 60 roost jail clean --base $J > /dev/null; result clean-exit $?
 result jails-left "$(ls -A $J | wc -l)"
 result mounts-left "$(grep -c " $J" /proc/self/mountinfo)"
+
+# 4. A jailed VMM on the sandbox's network: `roost net run` makes the namespace and its tap,
+# the jail joins that namespace and the jailer hands the VMM the tap as fd 3 (the jailed uid
+# could not attach to it itself; /dev/net/tun is not inside). The guest's DNS query for a
+# denied name reaches the namespace's forwarder through it and is refused there.
+for m in tun veth nf_tables nft_ct nft_nat nft_chain_nat nft_masq nft_reject nft_reject_ipv4; do
+  modprobe $m 2>/dev/null
+done
+cat > /tmp/netjail.sh <<'JAILEOF'
+for f in /var/run/netns/roost-*; do
+  [ "$(stat -L -c %i $f)" = "$(stat -L -c %i /proc/self/ns/net)" ] && NETNS=$f
+done
+echo "NETNS $NETNS"
+exec roost jail run --uid 1000 --gid 1000 --root $J/vm3 --hostname vmm-vm3 --netns $NETNS \
+  --tap $ROOST_VM_NET_TAP --binary $ROOST --mount $K:/kernel --mount $R:/rootfs \
+  --device /dev/kvm --device /dev/urandom --writable-dir /run -- \
+  $ROOST vm run --kernel /kernel --rootfs /rootfs --rootfs-ro --vsock-uds /run/v.sock \
+  --serial-log /run/serial.log --net-tap-fd 3 --net-mac $ROOST_VM_NET_MAC
+JAILEOF
+J=$J K=$K R=$R ROOST=$ROOST roost net run --deny-out denied.test --upstream-dns 127.0.0.1:53 -- \
+  sh /tmp/netjail.sh > /tmp/vm3.out 2>/tmp/vm3.err &
+NP=$!
+wait_agent vm3 $NP; result vm3-ready $?
+DNSQ='import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.sendto(bytes.fromhex("1234010000010000000000000664656e69656404746573740000010001"), ("169.254.0.1", 53))
+print("rcode", s.recv(512)[3] & 15)'
+result vm3-dns "$(timeout 60 roost-agent-ctl --vsock-uds $J/vm3/run/v.sock exec -- python3 -c "$DNSQ" 2>&1)"
+NETNS=$(sed -n 's/^NETNS //p' /tmp/vm3.out)
+P=$(vmm_pid $J/vm3)
+[ -n "$P" ] || P=none
+result vm3-uid "$(awk '/^Uid:/ {print $2}' /proc/$P/status)"
+result vm3-netns "$([ -n "$NETNS" ] && [ "$(readlink /proc/$P/ns/net)" = "net:[$(stat -L -c %i $NETNS)]" ] && echo sandbox || echo other)"
+result vm3-tun "$([ -e /proc/$P/root/dev/net/tun ] && echo present || echo absent)"
+stop_job $NP TERM 90; result vm3-exit $?
+result vm3-removed "$([ -e $J/vm3 ] && echo no || echo yes)"
+result vm3-net-left "$(timeout 60 roost net list | wc -l)"
+tail -5 /tmp/vm3.err | sed 's/^/VM3 /'
 "#;
 
 #[test]
@@ -209,4 +248,21 @@ fn jailer_in_host_vm() {
     assert_eq!(get("clean-exit"), "0", "{all}");
     assert_eq!(get("jails-left"), "0", "{all}");
     assert_eq!(get("mounts-left"), "0", "{all}");
+
+    assert_eq!(get("vm3-ready"), "0", "{all}");
+    assert_eq!(
+        get("vm3-dns"),
+        "rcode 5",
+        "the guest's query crossed the tap and was refused by the forwarder; {all}"
+    );
+    assert_eq!(get("vm3-uid"), "1000", "{all}");
+    assert_eq!(
+        get("vm3-netns"),
+        "sandbox",
+        "the jailed VMM is in the sandbox's namespace; {all}"
+    );
+    assert_eq!(get("vm3-tun"), "absent", "{all}");
+    assert_eq!(get("vm3-exit"), "5", "SIGTERM reached the VMM; {all}");
+    assert_eq!(get("vm3-removed"), "yes", "{all}");
+    assert_eq!(get("vm3-net-left"), "0", "{all}");
 }

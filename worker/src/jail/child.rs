@@ -1,14 +1,16 @@
 //! The jailed side, run in the forked child (PID 1 of its new PID namespace) until `execve`:
-//! new mount, IPC, UTS and network namespaces; the jail root becomes `/` through
-//! `pivot_root`; only the spec's bind mounts, a private `/dev` with the listed device nodes and
-//! the writable directories are there; then the identity drops to the unprivileged uid/gid
-//! (which clears every capability) and the program starts with a clean environment.
+//! new mount, IPC, UTS and network namespaces (the tap, if any, is opened right after joining
+//! the network one); the jail root becomes `/` through `pivot_root` (or, on an initramfs-only
+//! host, a move over `/` and `chroot`); only the spec's bind mounts, a private `/dev` with the
+//! listed device nodes and the writable directories are there; then the identity drops to the
+//! unprivileged uid/gid (which clears every capability) and the program starts with a clean
+//! environment and the tap as fd 3.
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -26,12 +28,13 @@ const OLD_ROOT: &str = ".roost-old-root";
 /// Sets the jail up and execs the program; returns only with what went wrong.
 pub fn enter(spec: &JailSpec, netns: Option<OwnedFd>) -> String {
     match setup(spec, netns) {
-        Ok(()) => exec(spec),
+        Ok(tap) => exec(spec, tap),
         Err(message) => message,
     }
 }
 
-fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
+/// Returns the tap to hand over, when the spec names one.
+fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<Option<OwnedFd>, String> {
     let step = |what: &str| {
         let what = what.to_string();
         move |e: nix::Error| format!("{what}: {e}")
@@ -44,6 +47,8 @@ fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
         }
         None => unshare(CloneFlags::CLONE_NEWNET).map_err(step("unshare the network namespace"))?,
     }
+    // Attaching to the sandbox's tap needs CAP_NET_ADMIN: done now, as root, in its namespace.
+    let tap = spec.tap.as_deref().map(open_tap).transpose()?;
     // Nothing mounted from here on may propagate back to the host's mount namespace.
     mount(
         None::<&str>,
@@ -178,7 +183,46 @@ fn setup(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<(), String> {
         .map_err(step("set the parent-death signal"))?;
     // No exec inside the jail can gain privileges (setuid files, file capabilities).
     nix::sys::prctl::set_no_new_privs().map_err(step("set no_new_privs"))?;
-    Ok(())
+    Ok(tap)
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags (the union's other members
+/// are larger, hence the padding).
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: nix::libc::c_short,
+    _pad: [u8; 22],
+}
+
+nix::ioctl_write_ptr_bad!(
+    tunsetiff,
+    nix::request_code_write!(b'T', 202, std::mem::size_of::<nix::libc::c_int>()),
+    IfReq
+);
+
+/// Attaches to the existing tap `name` of the current network namespace the way the VMM
+/// would (`IFF_TAP | IFF_NO_PI`, no vnet header; see roost-vmm's `net::tap`).
+fn open_tap(name: &str) -> Result<OwnedFd, String> {
+    let tun = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("open /dev/net/tun: {e}"))?;
+    let flags = nix::libc::c_short::try_from(nix::libc::IFF_TAP | nix::libc::IFF_NO_PI)
+        .map_err(|_| "IFF_TAP | IFF_NO_PI does not fit ifr_flags".to_string())?;
+    let mut req = IfReq {
+        name: [0; 16],
+        flags,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads a `struct ifreq`, which `IfReq` lays out (name, flags, padding
+    // to the union's size), from a live, exclusively borrowed value; `tun` is an open fd.
+    unsafe { tunsetiff(tun.as_raw_fd(), &req) }
+        .map_err(|e| format!("attach to tap {name}: {e}"))?;
+    Ok(OwnedFd::from(tun))
 }
 
 /// The `pivot_root` replacement for a host whose root is the initial ramfs (what runc does
@@ -208,7 +252,25 @@ fn move_root(root: &Path) -> Result<(), String> {
     chdir("/").map_err(|e| format!("chdir /: {e}"))
 }
 
-fn exec(spec: &JailSpec) -> String {
+fn exec(spec: &JailSpec, tap: Option<OwnedFd>) -> String {
+    if let Some(tap) = tap {
+        // dup2 gives the copy no FD_CLOEXEC; the original (close-on-exec) goes at exec.
+        if tap.as_raw_fd() == super::TAP_FD {
+            if let Err(e) = nix::fcntl::fcntl(
+                &tap,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            ) {
+                return format!("keep the tap open across exec: {e}");
+            }
+            std::mem::forget(tap);
+        } else {
+            // SAFETY: dup2 onto TAP_FD, which the report pipe was moved away from; nothing else
+            // in this single-threaded child holds TAP_FD as an owned descriptor.
+            if unsafe { nix::libc::dup2(tap.as_raw_fd(), super::TAP_FD) } < 0 {
+                return format!("hand the tap over: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
     let to_c = |bytes: &[u8]| {
         CString::new(bytes)
             .map_err(|_| "a NUL byte in the program, an argument or the environment".to_string())

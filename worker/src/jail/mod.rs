@@ -6,7 +6,9 @@
 //! directory holding its binary and libraries, kernel, disks, sockets and memory files, plus a
 //! private `/dev` with the device nodes it needs; it runs as an unprivileged uid/gid with no
 //! capabilities and dies with its jailer. The VMM then installs its own seccomp filters before
-//! any guest code runs (roost-vmm's `privileges` and `seccomp`).
+//! any guest code runs (roost-vmm's `privileges` and `seccomp`). The sandbox's tap, which the
+//! unprivileged uid could not attach to, is opened by the jailer in that namespace and handed
+//! over as fd [`TAP_FD`].
 //!
 //! Every mount is made in the child's private mount namespace, so the host never sees one and
 //! the jail directory is plain files afterwards: the jailer removes it when the program ends,
@@ -21,7 +23,7 @@ mod child;
 mod spec;
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -66,6 +68,8 @@ pub enum JailError {
     },
     #[error("setting up the jail failed: {0}")]
     Setup(String),
+    #[error("tap name {0:?}: 1 to 15 bytes, no '/'")]
+    BadTap(String),
     #[error("{0} still has mounts under it; not removing it")]
     MountsLeft(PathBuf),
 }
@@ -82,6 +86,9 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JailE
         source,
     }
 }
+
+/// The descriptor a tap opened by the jailer ([`JailSpec::tap`]) has in the program.
+pub const TAP_FD: std::os::fd::RawFd = 3;
 
 /// The jailed program's pid (in our namespace), for the signal forwarder.
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -133,6 +140,22 @@ fn run_in_namespaces(spec: &JailSpec, netns: Option<OwnedFd>) -> Result<i32, Jai
     match unsafe { fork() }.map_err(sys("fork"))? {
         ForkResult::Child => {
             drop(read_end);
+            // The tap goes to TAP_FD just before exec: keep the report pipe out of its way.
+            let write_end = if write_end.as_raw_fd() == TAP_FD {
+                let moved = nix::fcntl::fcntl(
+                    &write_end,
+                    nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(TAP_FD + 1),
+                );
+                drop(write_end);
+                match moved {
+                    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+                    Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+                    // SAFETY: _exit ends the child at once, without the parent's handlers.
+                    Err(_) => unsafe { nix::libc::_exit(126) },
+                }
+            } else {
+                write_end
+            };
             let message = child::enter(spec, netns);
             let mut pipe = std::fs::File::from(write_end);
             let _ = std::io::Write::write_all(&mut pipe, message.as_bytes());

@@ -55,6 +55,11 @@ pub struct JailSpec {
     /// A network namespace to join (e.g. `/run/netns/roost-<id>`); `None` gives the program a
     /// new, empty one (loopback only).
     pub netns: Option<PathBuf>,
+    /// A tap device in the jail's network namespace to open before privileges are dropped and
+    /// hand to the program as fd [`super::TAP_FD`] (`roost vm run --net-tap-fd 3`): the jailed
+    /// uid could not attach to it itself (that needs CAP_NET_ADMIN), and `/dev/net/tun` need not
+    /// be inside.
+    pub tap: Option<String>,
     /// The UTS namespace's host name.
     pub hostname: String,
     pub mounts: Vec<JailMount>,
@@ -106,6 +111,11 @@ impl JailSpec {
             absolute_clean(dir, "writable directory")?;
         }
         absolute_clean(&self.program, "program")?;
+        if let Some(tap) = &self.tap
+            && (tap.is_empty() || tap.len() > 15 || tap.contains(['/', '\0']))
+        {
+            return Err(JailError::BadTap(tap.clone()));
+        }
         if let Some(netns) = &self.netns
             && !netns.exists()
         {
@@ -146,6 +156,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             netns: None,
+            tap: None,
             hostname: "vmm".into(),
             mounts: vec![JailMount::parse("/etc/hostname:/hostname:ro").unwrap()],
             devices: vec![PathBuf::from("/dev/null")],
@@ -215,6 +226,11 @@ mod tests {
             ..spec(dir.path())
         };
         assert!(bad_device.validate().is_err());
+        let bad_tap = JailSpec {
+            tap: Some("a-name-far-too-long".into()),
+            ..spec(dir.path())
+        };
+        assert!(matches!(bad_tap.validate(), Err(JailError::BadTap(_))));
     }
 
     #[test]
