@@ -12,7 +12,7 @@ use roost_worker::jail::{self, JailMount, JailSpec};
 #[derive(clap::Subcommand, Debug)]
 pub enum JailCommand {
     /// Run PROGRAM (a path inside the jail) jailed; exits with its status.
-    Run(JailRunArgs),
+    Run(Box<JailRunArgs>),
     /// Remove jail directories left under BASE by jailers that were killed.
     Clean {
         /// The directory holding jail directories (e.g. /srv/roost/jail).
@@ -74,7 +74,7 @@ pub fn run(command: JailCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         JailCommand::Run(args) => {
-            let spec = spec_from(args)?;
+            let spec = spec_from(*args)?;
             let code = jail::run(&spec).with_context(|| format!("jail {}", spec.root.display()))?;
             Ok(code)
         }
