@@ -24,9 +24,9 @@ use hyper_util::rt::TokioExecutor;
 use roost_control::workers::client::{ClientError, Handler, Identity, Session, Status};
 use roost_images::{ArtefactIndex, Cache};
 use roost_proto::control::{Capacity, Hello, Operation, Outcome, PROTOCOL_VERSION, WorkerError};
-use roost_worker::manager::{HandleBackend, ManagerConfig, SandboxManager};
+use roost_worker::manager::{HandleBackend, ManagerConfig, SandboxManager, SandboxSplicer};
 use roost_worker::template::{self, TemplateName};
-use roost_worker::tunnel::{GatewayTarget, TunnelClient, TunnelClientConfig, VmSplicer};
+use roost_worker::tunnel::{GatewayTarget, TunnelClient, TunnelClientConfig};
 use roost_worker::vm_handle::{SnapshotKind, default_runtime_root};
 use serde::{Deserialize, Serialize};
 
@@ -397,7 +397,7 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
     backend.ready_timeout = Duration::from_secs(args.ready_timeout.max(1));
     backend.seccomp = args.seccomp.mode();
     let capacity = config.capacity;
-    let splicer = Arc::new(VmSplicer::new());
+    let splicer = Arc::new(SandboxSplicer::new());
     let mut manager = SandboxManager::open(config, backend)
         .context("cannot open the sandbox manager")?
         .with_routes(splicer.clone());
@@ -433,7 +433,7 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
 async fn start_tunnel(
     args: &ServeWorkerArgs,
     creds: &Credentials,
-    splicer: Arc<VmSplicer>,
+    splicer: Arc<SandboxSplicer>,
 ) -> anyhow::Result<TunnelClient> {
     let mut gateways = Vec::new();
     for address in &args.gateways {

@@ -6,6 +6,9 @@
 //! sandbox, see it running (state and a metrics sample from its VMM), pause, resume, pause,
 //! resume, create a second one, kill the first; then it lets the script SIGTERM the worker,
 //! which must stop the second VM and leave nothing in its runtime root and no VMM process.
+//! A `roost serve gateway` on this machine takes the worker's tunnel (`--gateway`): envd's
+//! `/envs` in the sandbox is read through it (`49983-<id>.roost.test`) after the create and
+//! after a resume, and a request to the paused sandbox resumes it (the gateway's auto-resume).
 //!
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p roost-agent`)
 //! and the `kernel` and `rootfs-base` artefacts (`roost images build`).
@@ -24,6 +27,8 @@ use serde_json::{Value, json};
 const ROOST: &str = env!("CARGO_BIN_EXE_roost");
 const ADMIN_EMAIL: &str = "ops@example.com";
 const ADMIN_PASSWORD: &str = "correct-horse-battery";
+const DOMAIN: &str = "roost.test";
+const INTERNAL_TOKEN: &str = "worker-host-vm-internal-token-0123456789";
 /// Template build plus worker start inside the host VM.
 const JOIN_WITHIN: Duration = Duration::from_secs(1500);
 
@@ -45,6 +50,7 @@ roost templates build --image base --runtime-root /tmp/build-rt --ready-timeout 
 result build $?
 RUST_LOG=info,roost_worker=debug roost serve worker --control-url http://10.0.2.2:$API_PORT \
     --data-dir $WD --runtime-root $RT --template base --ready-timeout 240 --max-backoff 5s \
+    --gateway 10.0.2.2:$TUNNEL_PORT --gateway-ca /tmp/gateway-ca.pem \
     > /tmp/worker.out 2>/tmp/worker.err &
 W=$!
 # The test drives control's API; it answers `done` on its signal port when it has finished.
@@ -92,6 +98,7 @@ impl Control {
             .args(["--channel-public-addr", &format!("10.0.2.2:{channel_port}")])
             .args(["--heartbeat-interval", "1s", "--host-lost-after", "60s"])
             .args(["--bootstrap-admin", ADMIN_EMAIL])
+            .args(["--internal-token", INTERNAL_TOKEN])
             .env("ROOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("RUST_LOG", "info")
             .env_remove("ROOST_DATABASE_URL")
@@ -158,13 +165,25 @@ fn http(
     auth: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut stream = TcpStream::connect(api).expect("connect to control");
+    http_host(api, &api.to_string(), method, path, auth, body)
+}
+
+/// [`http`] with another `Host` header (the gateway routes on it).
+fn http_host(
+    api: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    auth: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(api).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(300)))
         .unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {api}\r\nconnection: close\r\n{auth}\
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n{auth}\
          content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -210,6 +229,79 @@ fn bearer(token: &str) -> String {
 
 fn api_key(key: &str) -> String {
     format!("x-api-key: {key}\r\n")
+}
+
+/// A running `roost serve gateway` (plain HTTP listener, tunnel endpoint for the worker).
+struct Gateway {
+    child: Child,
+    http: SocketAddr,
+}
+
+impl Gateway {
+    fn start(
+        dir: &std::path::Path,
+        control: SocketAddr,
+        worker_ca: &std::path::Path,
+        tunnel_port: u16,
+    ) -> Self {
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (http, metrics) = (free(), free());
+        let child = Command::new(ROOST)
+            .args(["serve", "gateway", "--domain", DOMAIN])
+            .args(["--listen-http", &http.to_string()])
+            .args(["--listen-metrics", &metrics.to_string()])
+            .args(["--control-url", &format!("http://{control}")])
+            .args(["--internal-token", INTERNAL_TOKEN])
+            .args(["--tunnel-listen", &format!("127.0.0.1:{tunnel_port}")])
+            .arg("--worker-ca")
+            .arg(worker_ca)
+            .arg("--tunnel-cert")
+            .arg(dir.join("gateway.pem"))
+            .arg("--tunnel-key")
+            .arg(dir.join("gateway.key"))
+            .arg("--data-dir")
+            .arg(dir.join("gateway-data"))
+            .args(["--threads", "2"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("gateway.log")).unwrap())
+            .spawn()
+            .expect("spawn roost serve gateway");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(http).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the gateway never listened on {http}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, http }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// envd's `/envs` in sandbox `id`, through the gateway and the worker's tunnel.
+fn envs_through_gateway(gateway: SocketAddr, id: &str) -> (u16, Value) {
+    http_host(
+        gateway,
+        &format!("49983-{id}.{DOMAIN}"),
+        "GET",
+        "/envs",
+        "",
+        None,
+    )
 }
 
 /// Answers `wait` until `done` is set, then `done`.
@@ -262,7 +354,12 @@ fn state_of(api: SocketAddr, key: &str, id: &str) -> String {
 }
 
 /// The whole API conversation; the second sandbox is left running for the worker's SIGTERM.
-fn drive(api: SocketAddr, seen: &mut Seen, script_done: &AtomicBool) -> Result<(), String> {
+fn drive(
+    api: SocketAddr,
+    gateway: SocketAddr,
+    seen: &mut Seen,
+    script_done: &AtomicBool,
+) -> Result<(), String> {
     let (status, login) = http(
         api,
         "POST",
@@ -333,7 +430,7 @@ fn drive(api: SocketAddr, seen: &mut Seen, script_done: &AtomicBool) -> Result<(
         "create",
         "POST",
         "/v2/sandboxes",
-        Some(json!({"templateID": "base", "timeout": 3600})),
+        Some(json!({"templateID": "base", "timeout": 3600, "envVars": {"ROOST_TEST": "hello"}})),
     );
     if status != 201 {
         return Err(format!("create: {status} {created}"));
@@ -353,6 +450,24 @@ fn drive(api: SocketAddr, seen: &mut Seen, script_done: &AtomicBool) -> Result<(
     if status != 200 {
         return Err(format!("metrics: {status} {metrics}"));
     }
+    // The tunnel may come up just after the worker joined: bounded retries.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, envs) = envs_through_gateway(gateway, &id);
+        if status == 200 {
+            seen.note(format!("envs through the gateway: {envs}"));
+            if envs["ROOST_TEST"] != "hello" {
+                return Err(format!("envd has not the sandbox's env vars: {envs}"));
+            }
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "envd never answered through the gateway: {status} {envs}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     for cycle in 1..=2 {
         let (status, body) = timed(
             seen,
@@ -368,15 +483,28 @@ fn drive(api: SocketAddr, seen: &mut Seen, script_done: &AtomicBool) -> Result<(
         if state != "paused" {
             return Err(format!("after pause {cycle}: state {state}"));
         }
-        let (status, body) = timed(
-            seen,
-            &format!("resume {cycle}"),
-            "POST",
-            &format!("/sandboxes/{id}/resume"),
-            Some(json!({"timeout": 3600})),
-        );
-        if status != 201 {
-            return Err(format!("resume {cycle}: {status} {body}"));
+        if cycle == 1 {
+            let (status, body) = timed(
+                seen,
+                "resume 1",
+                "POST",
+                &format!("/sandboxes/{id}/resume"),
+                Some(json!({"timeout": 3600})),
+            );
+            if status != 201 {
+                return Err(format!("resume 1: {status} {body}"));
+            }
+        }
+        // After an explicit resume the route is back; on the second cycle the request itself
+        // resumes the paused sandbox (the gateway's auto-resume).
+        let started = Instant::now();
+        let (status, envs) = envs_through_gateway(gateway, &id);
+        seen.note(format!(
+            "envs through the gateway after pause {cycle}: {status} in {} ms: {envs}",
+            started.elapsed().as_millis()
+        ));
+        if status != 200 || envs["ROOST_TEST"] != "hello" {
+            return Err(format!("envs after pause {cycle}: {status} {envs}"));
         }
         let state = state_of(api, &key, &id);
         if state != "running" {
@@ -436,6 +564,31 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
     assert_eq!(status, 201, "{token}");
     let token = token["token"].as_str().unwrap().to_owned();
 
+    let certs = tempfile::tempdir().unwrap();
+    let out = Command::new(ROOST)
+        .args(["certs", "init", "--domain", DOMAIN, "--out"])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tunnel_port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gateway = Gateway::start(
+        certs.path(),
+        api,
+        &data.path().join("worker-ca.pem"),
+        tunnel_port,
+    );
+    let gateway_http = gateway.http;
+    let ca = certs.path().join("ca.pem");
+
     let done = Arc::new(AtomicBool::new(false));
     let signal_port = signal_server(done.clone());
     let script_done = Arc::new(AtomicBool::new(false));
@@ -447,6 +600,8 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
                 .mem_mib(4096)
                 .env("API_PORT", api.port().to_string())
                 .env("SIGNAL_PORT", signal_port.to_string())
+                .env("TUNNEL_PORT", tunnel_port.to_string())
+                .file("/tmp/gateway-ca.pem", ca)
                 .env("ROOST_WORKER_TOKEN", token),
             SCRIPT,
             &["kernel", "rootfs-base"],
@@ -456,7 +611,7 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
     });
 
     let mut seen = Seen::default();
-    let outcome = drive(api, &mut seen, &script_done);
+    let outcome = drive(api, gateway_http, &mut seen, &script_done);
     done.store(true, Ordering::SeqCst);
     let run = vm.join().unwrap().unwrap_or_else(|e| {
         panic!("host VM run (needs release binaries: cargo build --release -p roost): {e:#?}")
@@ -465,8 +620,16 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
         "{}\nAPI log:\n{}\ncontrol stderr (tail):\n{}",
         run.transcript(),
         seen.log.join("\n"),
-        tail(&control.stderr.lock().unwrap(), 6000)
+        tail(&control.stderr.lock().unwrap(), 6000),
     );
+    let all = format!(
+        "{all}\ngateway log (tail):\n{}",
+        tail(
+            &std::fs::read_to_string(certs.path().join("gateway.log")).unwrap_or_default(),
+            4000
+        )
+    );
+    drop(gateway);
     if let Err(e) = outcome {
         panic!("{e}\n{all}");
     }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use roost_proto::agent::IdentityRequest;
 
-use crate::tunnel::VmSplicer;
 use crate::vm_handle::{RestoreConfig, SeccompMode, SnapshotInfo, SnapshotKind, VmHandle};
 
 /// A VM operation failed; the message carries the VMM's log tail when there is one.
@@ -59,27 +58,13 @@ pub trait SandboxVm: Send + Sync + 'static {
     fn destroy(self: Arc<Self>) -> impl Future<Output = ()> + Send;
 }
 
-/// Where a running sandbox's ports are reachable (the gateway tunnel's splicer).
+/// Where a running sandbox's ports are reachable (the gateway tunnel's splicer,
+/// [`super::SandboxSplicer`]).
 pub trait Routes<V>: Send + Sync + 'static {
     /// `sandbox_id` now runs in `vm`.
     fn up(&self, sandbox_id: &str, vm: Arc<V>);
     /// `sandbox_id` no longer runs here.
     fn down(&self, sandbox_id: &str);
-}
-
-impl Routes<VmHandle> for VmSplicer {
-    fn up(&self, sandbox_id: &str, vm: Arc<VmHandle>) {
-        match sandbox_id.parse() {
-            Ok(id) => self.insert(id, vm),
-            Err(e) => tracing::warn!(sandbox = sandbox_id, "not routable: {e}"),
-        }
-    }
-
-    fn down(&self, sandbox_id: &str) {
-        if let Ok(id) = sandbox_id.parse() {
-            self.remove(&id);
-        }
-    }
 }
 
 /// [`VmBackend`] over [`VmHandle::restore`].

@@ -7,7 +7,7 @@
 //! - **pause** writes a snapshot of memory and device state into the data directory (a diff
 //!   against the snapshot the VM was restored from, by default), then tears the VM down and
 //!   frees every host resource; **resume** restores from that snapshot, repeatably — each
-//!   pause writes a new generation and drops the previous one.
+//!   pause writes a new generation (a diff keeps its parents: its disk layers live there).
 //! - **snapshot** saves a running sandbox as a template later creates can use (the VM keeps
 //!   running); **delete template** removes one.
 //! - **kill** stops the VMM and removes everything of the sandbox: runtime directory (sockets,
@@ -26,6 +26,7 @@
 
 mod backend;
 mod metrics;
+mod splice;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,7 @@ use roost_proto::control::{
 
 pub use backend::{HandleBackend, Routes, SandboxVm, VmBackend, VmFailure};
 pub use metrics::{Reading, parse_stat_cpu_ticks, read_proc};
+pub use splice::SandboxSplicer;
 pub use store::{PausedRecord, SnapshotRecord};
 
 use crate::cgroup::{CgroupError, CgroupTree, CpuSampler, Limits, SandboxCgroup};
@@ -256,6 +258,8 @@ struct Inner<V> {
     snapshots: BTreeMap<String, SnapshotRecord>,
     /// Snapshot ids being written, not offered yet.
     snapshots_in_progress: Vec<String>,
+    /// Deleted snapshot templates whose files stay until no held sandbox came from them.
+    deleted_snapshots: Vec<String>,
     shutting_down: bool,
 }
 
@@ -324,6 +328,7 @@ impl<B: VmBackend> SandboxManager<B> {
                 sandboxes,
                 snapshots: recovered.snapshots,
                 snapshots_in_progress: Vec::new(),
+                deleted_snapshots: Vec::new(),
                 shutting_down: false,
             }),
             routes: None,
@@ -629,6 +634,7 @@ impl<B: VmBackend> SandboxManager<B> {
         let removed = store::remove_all(&paused);
         self.lock().sandboxes.remove(id);
         removed.map_err(io_error("remove", &paused))?;
+        self.collect_deleted_snapshots()?;
         tracing::info!(sandbox = id, "sandbox killed");
         Ok(())
     }
@@ -648,23 +654,21 @@ impl<B: VmBackend> SandboxManager<B> {
 
     /// Snapshots the sandbox into its paused directory and frees the VM.
     pub async fn pause(&self, id: &str) -> Result<(), ManagerError> {
-        let ((running, generation), shape) = self
-            .begin(
-                id,
-                "pause",
-                "pausing",
-                WorkerSandboxState::Running,
-                |state| match state {
-                    State::Running(running) => Ok(running),
-                    other => Err(other),
-                },
-            )
-            .and_then(|(running, shape)| {
-                let mut inner = self.lock();
-                let entry = inner.sandboxes.get_mut(id).expect("held while busy");
-                entry.last_generation += 1;
-                Ok(((running, entry.last_generation), shape))
-            })?;
+        let (running, shape) = self.begin(
+            id,
+            "pause",
+            "pausing",
+            WorkerSandboxState::Running,
+            |state| match state {
+                State::Running(running) => Ok(running),
+                other => Err(other),
+            },
+        )?;
+        // The entry stays while it is busy (a kill waits its turn).
+        let generation = self.lock().sandboxes.get_mut(id).map_or(1, |entry| {
+            entry.last_generation += 1;
+            entry.last_generation
+        });
         let dir = store::paused_dir(&self.config.data_dir, id);
         let target = dir.join(store::generation_name(generation));
         let result = async {
@@ -703,7 +707,7 @@ impl<B: VmBackend> SandboxManager<B> {
             return Err(e);
         }
         self.stop_vm(id, running).await;
-        remove_other_generations(&dir, generation);
+        remove_newer_generations(&dir, generation);
         self.settle(id, State::Paused { generation });
         tracing::info!(sandbox = id, generation, "sandbox paused");
         Ok(())
@@ -783,8 +787,10 @@ impl<B: VmBackend> SandboxManager<B> {
         let entry = store::snapshot_entry(&self.config.data_dir, snapshot_id);
         let result = async {
             std::fs::create_dir_all(&entry).map_err(io_error("create", &entry))?;
-            let (kind, parent) = self.snapshot_kind(&running, SnapshotKind::Diff);
+            // Full: a template must not depend on the sandbox's own snapshots (its disk layers
+            // would be read from them), which go when the sandbox is killed.
             let dir = entry.join(store::SNAPSHOT_SUBDIR);
+            let (kind, parent) = (SnapshotKind::Full, None);
             running
                 .vm
                 .snapshot(&dir, kind, parent, true)
@@ -815,19 +821,44 @@ impl<B: VmBackend> SandboxManager<B> {
         result
     }
 
-    /// Removes snapshot template `template_id`. Sandboxes created from it keep running (their
-    /// memory mappings hold the files); their next pause is a full snapshot.
+    /// Removes snapshot template `template_id`: it is no longer offered, and its files go
+    /// once no sandbox held here came from it (their memory mappings and disk chains read
+    /// them; a running clone's next pause is then a full snapshot).
     pub fn delete_template(&self, template_id: &str) -> Result<(), ManagerError> {
         if self.config.templates.contains_key(template_id) {
             return Err(ManagerError::BuiltInTemplate(template_id.to_owned()));
         }
-        let removed = self.lock().snapshots.remove(template_id);
-        if removed.is_none() {
-            return Err(ManagerError::UnknownTemplate(template_id.to_owned()));
+        {
+            let mut inner = self.lock();
+            if inner.snapshots.remove(template_id).is_none() {
+                return Err(ManagerError::UnknownTemplate(template_id.to_owned()));
+            }
+            inner.deleted_snapshots.push(template_id.to_owned());
         }
-        let entry = store::snapshot_entry(&self.config.data_dir, template_id);
-        store::remove_all(&entry).map_err(io_error("remove", &entry))?;
         tracing::info!(template = template_id, "snapshot template deleted");
+        self.collect_deleted_snapshots()
+    }
+
+    /// Removes the files of deleted snapshot templates no held sandbox came from.
+    fn collect_deleted_snapshots(&self) -> Result<(), ManagerError> {
+        let unused: Vec<String> = {
+            let mut inner = self.lock();
+            let Inner {
+                sandboxes,
+                deleted_snapshots,
+                ..
+            } = &mut *inner;
+            let (unused, used): (Vec<String>, Vec<String>) = std::mem::take(deleted_snapshots)
+                .into_iter()
+                .partition(|t| !sandboxes.values().any(|e| &e.shape.template_id == t));
+            *deleted_snapshots = used;
+            unused
+        };
+        for template_id in unused {
+            let entry = store::snapshot_entry(&self.config.data_dir, &template_id);
+            store::remove_all(&entry).map_err(io_error("remove", &entry))?;
+            tracing::info!(template = template_id, "snapshot template files removed");
+        }
         Ok(())
     }
 
@@ -925,9 +956,10 @@ pub fn clone_identity(
     Ok(identity)
 }
 
-/// Removes every generation in a paused directory but `keep` (diffs hard-link what they
-/// need, so older generations are not parents of anything).
-fn remove_other_generations(dir: &Path, keep: u64) {
+/// Removes the generations in a paused directory newer than `keep` (left by a pause that
+/// failed). Older ones stay until the sandbox is killed: a diff's disk layers are read from
+/// its parents' directories (its memory generations are hard-linked into its own).
+fn remove_newer_generations(dir: &Path, keep: u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -936,10 +968,10 @@ fn remove_other_generations(dir: &Path, keep: u64) {
         let Some(n) = name.to_str().and_then(store::generation_number) else {
             continue;
         };
-        if n != keep
+        if n > keep
             && let Err(e) = store::remove_all(&entry.path())
         {
-            tracing::warn!(path = %entry.path().display(), "cannot remove an old generation: {e}");
+            tracing::warn!(path = %entry.path().display(), "cannot remove a stale generation: {e}");
         }
     }
 }

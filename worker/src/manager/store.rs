@@ -5,7 +5,7 @@
 //!   whatever a crashed worker left there is removed at start-up ([`clear_runtime_root`]).
 //! - the **data directory** (persistent):
 //!   - `paused/<sandbox id>/` — a paused sandbox: `sandbox.json` ([`PausedRecord`]) and its
-//!     snapshot generations `gen-<n>/` (each a self-contained VMM snapshot directory). The
+//!     snapshot generations `gen-<n>/` (a diff reads disk layers from its parents). The
 //!     directory also exists while a resumed sandbox runs (its generation is the parent of the
 //!     next diff pause); the record then says `paused: false` and a restart drops it, since the
 //!     VM died with the worker and the snapshot is older than what the user saw.
@@ -133,8 +133,9 @@ pub struct Recovered {
 }
 
 /// Reads `data_dir`'s paused sandboxes and snapshots, creating the two directories if needed.
-/// A paused sandbox keeps only its current generation; anything without a valid record and
-/// state file is removed.
+/// A paused sandbox keeps its current generation and the older ones (its parents); newer
+/// ones (a pause that never finished) and anything without a valid record and state file are
+/// removed.
 pub fn recover(data_dir: &Path) -> std::io::Result<Recovered> {
     let mut out = Recovered::default();
     let paused_root = data_dir.join(PAUSED_DIR);
@@ -159,7 +160,9 @@ pub fn recover(data_dir: &Path) -> std::io::Result<Recovered> {
         for gen_entry in std::fs::read_dir(&dir)? {
             let path = gen_entry?.path();
             let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if file != RECORD_FILE && file != record.generation {
+            let current = generation_number(&record.generation).unwrap_or(0);
+            let older = generation_number(file).is_some_and(|n| n <= current);
+            if file != RECORD_FILE && !older {
                 remove_all(&path)?;
                 out.removed.push(path);
             }
@@ -229,7 +232,7 @@ mod tests {
     fn recovery_keeps_paused_sandboxes_and_snapshots_and_drops_the_rest() {
         let data = tempfile::tempdir().unwrap();
         let d = data.path();
-        // A paused sandbox with an older generation left over and a partial newer one.
+        // A paused sandbox with an older generation (its parent) and a partial newer one.
         let p = paused_dir(d, "cl-paused");
         snapshot_dir(&p.join("gen-2"));
         std::fs::create_dir_all(p.join("gen-1")).unwrap();
@@ -271,12 +274,12 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["gen-2", RECORD_FILE]);
+        assert_eq!(left, ["gen-1", "gen-2", RECORD_FILE]);
         for gone in ["cl-running", "cl-half", "cl-nostate"] {
             assert!(!paused_dir(d, gone).exists(), "{gone}");
         }
         assert!(!snapshot_entry(d, "snap_b").exists());
-        assert_eq!(found.removed.len(), 6, "{:?}", found.removed);
+        assert_eq!(found.removed.len(), 5, "{:?}", found.removed);
     }
 
     #[test]

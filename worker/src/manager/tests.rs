@@ -273,7 +273,7 @@ async fn bad_creates_are_refused_with_the_protocols_kinds() {
 }
 
 #[tokio::test]
-async fn pause_resume_cycles_chain_diffs_and_keep_one_generation() {
+async fn pause_resume_cycles_chain_diffs_on_their_parents() {
     let s = setup();
     let m = s.manager();
     m.create(&spec(ID, "base")).await.unwrap();
@@ -334,11 +334,9 @@ async fn pause_resume_cycles_chain_diffs_and_keep_one_generation() {
             "diff on its parent"
         );
         assert_eq!(call.dir, paused.join(format!("gen-{}", cycle + 1)));
-        assert_eq!(
-            names(&paused),
-            [format!("gen-{}", cycle + 1), "sandbox.json".into()],
-            "only the current generation is kept"
-        );
+        let mut expected: Vec<String> = (1..=cycle + 1).map(|n| format!("gen-{n}")).collect();
+        expected.push("sandbox.json".into());
+        assert_eq!(names(&paused), expected, "parents are kept until the kill");
     }
     let error = m.resume(&spec("cl-other", "base")).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::UnknownSandbox);
@@ -422,8 +420,8 @@ async fn snapshots_become_templates_until_deleted() {
         s.fake.log().snapshots[0],
         SnapshotCall {
             dir: entry.join("snapshot"),
-            kind: SnapshotKind::Diff,
-            parent: Some(s.base.clone()),
+            kind: SnapshotKind::Full,
+            parent: None,
             resume: true,
         }
     );
@@ -449,8 +447,8 @@ async fn snapshots_become_templates_until_deleted() {
         ErrorKind::InvalidRequest
     );
     m.delete_template("snap_1").unwrap();
-    assert!(!entry.exists());
-    assert_eq!(m.templates(), ["base"]);
+    assert_eq!(m.templates(), ["base"], "no longer offered");
+    assert!(entry.exists(), "kept while a clone of it is held");
     assert_eq!(
         m.delete_template("snap_1").unwrap_err().kind(),
         ErrorKind::UnknownTemplate
@@ -458,7 +456,12 @@ async fn snapshots_become_templates_until_deleted() {
     // The clone keeps running; its next pause cannot diff against a deleted template.
     m.pause("cl-child").await.unwrap();
     let call = s.fake.log().snapshots.last().unwrap().clone();
-    assert_eq!(call.kind, SnapshotKind::Full);
+    assert_eq!(
+        call.parent.as_deref(),
+        Some(entry.join("snapshot").as_path())
+    );
+    m.kill("cl-child").await.unwrap();
+    assert!(!entry.exists(), "removed with its last clone");
 }
 
 #[tokio::test]
@@ -495,7 +498,7 @@ async fn a_restarted_worker_reports_paused_sandboxes_and_snapshots_and_clears_it
     m.pause(ID).await.unwrap();
     assert_eq!(
         names(&store::paused_dir(&s.config.data_dir, ID)),
-        ["gen-2", "sandbox.json"],
+        ["gen-1", "gen-2", "sandbox.json"],
         "generations continue after a restart"
     );
 }
