@@ -24,7 +24,9 @@ use hyper_util::rt::TokioExecutor;
 use roost_control::workers::client::{ClientError, Handler, Identity, Session, Status};
 use roost_images::{ArtefactIndex, Cache};
 use roost_proto::control::{Capacity, Hello, Operation, Outcome, PROTOCOL_VERSION, WorkerError};
-use roost_worker::manager::{HandleBackend, ManagerConfig, SandboxManager, SandboxSplicer};
+use roost_worker::manager::{
+    HandleBackend, ManagerConfig, PoolPlan, PooledBackend, SandboxManager, SandboxSplicer,
+};
 use roost_worker::template::{self, TemplateName};
 use roost_worker::tunnel::{GatewayTarget, TunnelClient, TunnelClientConfig};
 use roost_worker::vm_handle::{SnapshotKind, default_runtime_root};
@@ -81,6 +83,16 @@ pub struct ServeWorkerArgs {
     /// (diff), or everything (full).
     #[arg(long, value_enum, default_value_t = PauseArg::Diff)]
     pause_snapshot: PauseArg,
+    /// Warm clones kept restored per built-in template: a create of that template takes one
+    /// and only hands it its identity (0: every create restores).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pool: usize,
+    /// Guest memory all warm clones may hold together, split evenly between templates.
+    #[arg(long, default_value_t = 2048, value_name = "MiB")]
+    pool_memory_mib: u64,
+    /// Serve the worker's Prometheus metrics (warm pools) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Seconds a restored agent may take to take its identity.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     ready_timeout: u64,
@@ -218,7 +230,7 @@ async fn register(control_url: &str, token: &str) -> anyhow::Result<Credentials>
 
 /// The worker's answers to control: the manager's operations.
 struct WorkerHandler {
-    manager: Arc<SandboxManager<HandleBackend>>,
+    manager: Arc<SandboxManager<PooledBackend>>,
 }
 
 #[async_trait]
@@ -393,9 +405,17 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
         PauseArg::Diff => SnapshotKind::Diff,
         PauseArg::Full => SnapshotKind::Full,
     };
-    let mut backend = HandleBackend::new();
-    backend.ready_timeout = Duration::from_secs(args.ready_timeout.max(1));
-    backend.seccomp = args.seccomp.mode();
+    let mut restorer = HandleBackend::new();
+    restorer.ready_timeout = Duration::from_secs(args.ready_timeout.max(1));
+    restorer.seccomp = args.seccomp.mode();
+    let backend = PooledBackend::new(restorer);
+    let pools = backend.clone();
+    let pool_plan = PoolPlan {
+        per_template: args.pool,
+        memory_budget_mib: args.pool_memory_mib,
+        runtime_root: config.runtime_root.clone(),
+    };
+    let pooled_templates = config.templates.clone();
     let capacity = config.capacity;
     let splicer = Arc::new(SandboxSplicer::new());
     let mut manager = SandboxManager::open(config, backend)
@@ -407,6 +427,14 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
         manager = manager.with_cgroups(tree)?;
     }
     let manager = Arc::new(manager);
+    // After the manager emptied the runtime root, where the warm clones live.
+    pools
+        .start_pools(&pooled_templates, &pool_plan)
+        .context("cannot start the warm pools")?;
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(serve_metrics(addr, pools.clone()).await?),
+        None => None,
+    };
 
     let tunnel = match args.gateways.is_empty() {
         true => None,
@@ -422,6 +450,10 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
     )
     .await;
     manager.shutdown().await;
+    pools.shutdown_pools().await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Some(tunnel) = tunnel {
         tunnel.shutdown().await;
     }
@@ -463,7 +495,7 @@ async fn start_tunnel(
 async fn join_loop(
     creds: &Credentials,
     capacity: Capacity,
-    manager: Arc<SandboxManager<HandleBackend>>,
+    manager: Arc<SandboxManager<PooledBackend>>,
     max_backoff: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -571,4 +603,56 @@ mod tests {
     fn host_memory_is_read() {
         assert!(host_memory_mib() > 0);
     }
+}
+
+/// Serves `GET /metrics` (the warm pools in the Prometheus text format) on `addr`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    pools: PooledBackend,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Response, StatusCode};
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    println!(
+        "roost worker: metrics on http://{}/metrics",
+        listener.local_addr()?
+    );
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let pools = pools.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+                    let response = if request.uri().path() == "/metrics" {
+                        let text =
+                            roost_worker::pool::PoolStats::render_prometheus(&pools.pool_stats());
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(text)))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(
+                                br#"{"code":404,"message":"only /metrics is served here"}"#,
+                            )))
+                    };
+                    async move { response }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "metrics connection");
+                }
+            });
+        }
+    }))
 }

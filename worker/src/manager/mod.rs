@@ -26,6 +26,7 @@
 
 mod backend;
 mod metrics;
+mod pooled;
 mod splice;
 pub mod store;
 
@@ -43,6 +44,7 @@ use roost_proto::control::{
 
 pub use backend::{HandleBackend, Routes, SandboxVm, VmBackend, VmFailure};
 pub use metrics::{Reading, parse_stat_cpu_ticks, read_proc};
+pub use pooled::{PoolPlan, PooledBackend};
 pub use splice::SandboxSplicer;
 pub use store::{PausedRecord, SnapshotRecord};
 
