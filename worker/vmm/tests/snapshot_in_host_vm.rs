@@ -25,17 +25,20 @@ S=/tmp/snap
 mkdir -p $S
 CTL="timeout 30 roost-agent-ctl --vsock-uds /tmp/vm.sock"
 API="timeout 120 roost vm api /tmp/api.sock"
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+# Milliseconds of uptime (busybox date has no %N; /proc/uptime has centiseconds).
+now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
 # Until the agent answers an exec (after a restore its vsock connections were reset).
 wait_agent() {
   i=0; until timeout 5 roost-agent-ctl --vsock-uds /tmp/vm.sock exec -- true > /dev/null 2>&1; do
     i=$((i+1)); [ $i -lt 40 ] || return 1; sleep 0.25
   done
 }
+# Processes whose argv is `roost vm run ...` (not this script, whose text mentions it).
 roost_procs() {
   for d in /proc/[0-9]*; do
     c=$(tr '\0' ' ' < $d/cmdline 2>/dev/null)
-    case "$c" in *"roost vm run"*) echo "${d#/proc/} $c";; esac
+    set -- $c
+    case "$1 $2 $3" in "roost vm run"|*"/roost vm run") echo "${d#/proc/} $c";; esac
   done
 }
 # Checks /tmp/log in the guest: prints "ok N" when it holds 1..N, else where it breaks.
@@ -120,6 +123,30 @@ result stop $?
 wait $V
 result stop-exit $?
 
+# Memory from the userfaultfd page server: the restored VM works; then the page server is
+# killed and the VM must fail (exit 4) within a bounded time, leaving nothing behind.
+roost-pager serve --snapshot $PREV --socket /tmp/pager.sock 2>/tmp/pager.err &
+PG=$!
+i=0; until [ -S /tmp/pager.sock ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
+roost vm run --restore $PREV --memory-backend uffd --pager-socket /tmp/pager.sock \
+    --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-uffd.log 2>/tmp/vmm-uffd.err &
+V=$!
+wait_agent
+result uffd-agent $?
+LOG=$(check_log)
+result uffd-log "${LOG%% *}"
+T0=$(now_ms)
+kill -9 $PG; wait $PG 2>/dev/null
+# A page server killed with SIGKILL cannot remove its socket; its owner does (the worker's
+# VmHandle removes every socket of the runtime directory when a process of it exits).
+rm -f /tmp/pager.sock
+$CTL exec -- sh -c 'head -c 67108864 /dev/zero | md5sum' > /dev/null 2>&1 &
+i=0; while kill -0 $V 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+wait $V
+result uffd-lost-exit $?
+echo "TIMING page-server-lost-to-exit $(( $(now_ms) - T0 )) ms"
+result uffd-lost-message "$(grep -c 'page server' /tmp/vmm-uffd.err)"
+
 # Bad state files are refused before anything runs, each with its own message.
 mkdir -p /tmp/bad1 /tmp/bad2 /tmp/bad3
 for d in /tmp/bad1 /tmp/bad2 /tmp/bad3; do cp -a /tmp/snap/0/. $d/; done
@@ -135,14 +162,14 @@ done
 sleep 1
 result leftover-procs "$(roost_procs | wc -l)"
 roost_procs | sed 's/^/PROC /'
-result leftover-sockets "$(ls /tmp/api.sock /tmp/vm.sock 2>/dev/null | wc -l)"
+result leftover-sockets "$(ls /tmp/api.sock /tmp/vm.sock /tmp/pager.sock 2>/dev/null | wc -l)"
+ls /tmp/api.sock /tmp/vm.sock /tmp/pager.sock 2>/dev/null | sed 's/^/SOCKET /'
 for f in /tmp/*.err /tmp/*.out; do sed "s|^|OUT $(basename $f): |" "$f"; done
 tail -n 5 /tmp/vm-1.log | sed 's/^/CONSOLE1 /'
 dmesg | grep -E "audit.*syscall=" | sed 's/.*comm=/SECCOMP comm=/; s/ ip=.*//' | sort | uniq -c
 "#;
 
 #[test]
-#[ignore = "not yet green on real KVM: the first run (2026-11-29) could not reach the VMM API socket (connection refused) for pause/snapshot; see issue 4's note"]
 fn snapshot_restore_cycles_in_host_vm() {
     let script = SCRIPT.replace("__CYCLES__", &CYCLES.to_string());
     let run = ScriptRun::run(
@@ -192,6 +219,22 @@ fn snapshot_restore_cycles_in_host_vm() {
     assert!(
         out("noparent.out").contains("needs \\\"parent\\\""),
         "{all}"
+    );
+    assert_eq!(
+        get("uffd-agent"),
+        "0",
+        "a restore with memory from the page server works; {all}"
+    );
+    assert_eq!(get("uffd-log"), "ok", "{all}");
+    assert_eq!(
+        get("uffd-lost-exit"),
+        "4",
+        "a lost page server fails the VM (exit 4), never a hang; {all}"
+    );
+    assert_ne!(
+        get("uffd-lost-message"),
+        "0",
+        "the VMM says the page server was lost; {all}"
     );
     assert_eq!(get("stop"), "0", "{all}");
     assert_eq!(
