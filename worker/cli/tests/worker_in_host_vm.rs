@@ -5,7 +5,8 @@
 //! `--channel-public-addr`). The test then uses the E2B API with a tenant's API key: create a
 //! sandbox, see it running (state and a metrics sample from its VMM), pause, resume, pause,
 //! resume, create a second one, kill the first; then it lets the script SIGTERM the worker,
-//! which must stop the second VM and leave nothing in its runtime root and no VMM process.
+//! which must stop the second VM and leave nothing in its runtime root, no VMM process and no
+//! sandbox cgroup (the worker runs with `--cgroup-parent`).
 //! A `roost serve gateway` on this machine takes the worker's tunnel (`--gateway`): envd's
 //! `/envs` in the sandbox is read through it (`49983-<id>.roost.test`) after the create and
 //! after a resume, and a request to the paused sandbox resumes it (the gateway's auto-resume).
@@ -50,7 +51,7 @@ roost templates build --image base --runtime-root /tmp/build-rt --ready-timeout 
 result build $?
 RUST_LOG=info,roost_worker=debug roost serve worker --control-url http://10.0.2.2:$API_PORT \
     --data-dir $WD --runtime-root $RT --template base --ready-timeout 240 --max-backoff 5s \
-    --gateway 10.0.2.2:$TUNNEL_PORT --gateway-ca /tmp/gateway-ca.pem \
+    --gateway 10.0.2.2:$TUNNEL_PORT --gateway-ca /tmp/gateway-ca.pem --cgroup-parent roost-worker \
     > /tmp/worker.out 2>/tmp/worker.err &
 W=$!
 # The test drives control's API; it answers `done` on its signal port when it has finished.
@@ -61,6 +62,7 @@ until wget -q -O - http://10.0.2.2:$SIGNAL_PORT/ 2>/dev/null | grep -q done; do
   sleep 1
 done
 result running-vmms "$(roost_procs | wc -l)"
+result running-cgroups "$(ls -d /sys/fs/cgroup/roost-worker/cl-* 2>/dev/null | wc -l)"
 kill -TERM $W
 i=0
 while kill -0 $W 2>/dev/null; do
@@ -73,6 +75,7 @@ result worker-exit $?
 result leftover-files "$(find $RT -mindepth 1 | wc -l)"
 find $RT -mindepth 1 | sed 's/^/LEFTOVER /'
 result leftover-procs "$(roost_procs | wc -l)"
+result leftover-cgroups "$(ls -d /sys/fs/cgroup/roost-worker/cl-* 2>/dev/null | wc -l)"
 roost_procs | sed 's/^/PROC /'
 result paused-left "$(ls $WD/paused | wc -l)"
 result creds-mode "$(stat -c %a $WD/worker-credentials.json)"
@@ -640,7 +643,17 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
         "1",
         "the second sandbox's VMM runs before SIGTERM; {all}"
     );
+    assert_eq!(
+        get("running-cgroups"),
+        "1",
+        "the running sandbox's VMM has its cgroup; {all}"
+    );
     assert_eq!(get("worker-exit"), "0", "SIGTERM stops the worker; {all}");
+    assert_eq!(
+        get("leftover-cgroups"),
+        "0",
+        "no sandbox cgroup left; {all}"
+    );
     assert_eq!(
         get("leftover-files"),
         "0",
