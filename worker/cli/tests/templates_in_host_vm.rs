@@ -4,7 +4,8 @@
 //! --template base --id clone-N` and, in each, reads the hostname, 16 bytes of `/dev/urandom`,
 //! the wall clock and envd's `/envs` (with the clone's own access token). Every clone must have
 //! its own hostname and id, its own random bytes, a current clock, its variables behind its
-//! token — and nothing may be left behind.
+//! token, its own writable disk (a file one clone writes is not seen by the next, nor by the
+//! template) — and nothing may be left behind.
 //!
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p roost-agent`)
 //! and the `kernel` and `rootfs-base` artefacts (`roost images build`).
@@ -39,7 +40,12 @@ result listed "$(grep -c '^template-base .*/snapshot' /tmp/list.out)"
 # The template's guest clock stands still from here; each clone must get the host's.
 sleep 5
 for i in 1 2 3 4 5 6 7 8 9 10; do
-  PY="import time, urllib.request as u
+  PY="import os, time, urllib.request as u
+mark = '/var/tmp/roost-clone-mark'
+print('MARK', open(mark).read() if os.path.exists(mark) else 'none')
+open(mark, 'w').write('clone-$i')
+os.sync()
+print('WROTE', open(mark).read())
 print('HOST', open('/proc/sys/kernel/hostname').read().strip())
 print('RAND', open('/dev/urandom', 'rb').read(16).hex())
 print('TIME', int(time.time()))
@@ -66,7 +72,6 @@ for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
 "#;
 
 #[test]
-#[ignore = "not yet run on real KVM: needs the snapshot/restore path whose host-VM test is not green yet (issue 4)"]
 fn templates_in_host_vm_clones_get_their_own_identity() {
     let run = ScriptRun::run(
         HostVm::builder()
@@ -113,6 +118,16 @@ fn templates_in_host_vm_clones_get_their_own_identity() {
             "its env behind its token; {all}"
         );
         assert_eq!(clone("OPEN"), "401", "envd requires the token; {all}");
+        assert_eq!(
+            clone("MARK"),
+            "none",
+            "earlier clones' disk writes are invisible to this one and to the template; {all}"
+        );
+        assert_eq!(
+            clone("WROTE"),
+            format!("clone-{i}"),
+            "its own disk is writable; {all}"
+        );
     }
     assert_eq!(hosts.len(), CLONES, "distinct hostnames; {all}");
     assert_eq!(randoms.len(), CLONES, "distinct /dev/urandom output; {all}");
