@@ -10,6 +10,8 @@
 //! A `roost serve gateway` on this machine takes the worker's tunnel (`--gateway`): envd's
 //! `/envs` in the sandbox is read through it (`49983-<id>.roost.test`) after the create and
 //! after a resume, and a request to the paused sandbox resumes it (the gateway's auto-resume).
+//! A snapshot of the sandbox becomes a template: a sandbox created from it still has the first
+//! one's env in envd's memory; it is killed and the template deleted.
 //!
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p roost-agent`)
 //! and the `kernel` and `rootfs-base` artefacts (`roost images build`).
@@ -78,6 +80,7 @@ result leftover-procs "$(roost_procs | wc -l)"
 result leftover-cgroups "$(ls -d /sys/fs/cgroup/roost-worker/cl-* 2>/dev/null | wc -l)"
 roost_procs | sed 's/^/PROC /'
 result paused-left "$(ls $WD/paused | wc -l)"
+result snapshots-left "$(ls $WD/snapshots | wc -l)"
 result creds-mode "$(stat -c %a $WD/worker-credentials.json)"
 sed 's/^/WORKER-OUT /' /tmp/worker.out
 sed 's/^/WORKER-ERR /' /tmp/worker.err | tail -n 200
@@ -307,6 +310,24 @@ fn envs_through_gateway(gateway: SocketAddr, id: &str) -> (u16, Value) {
     )
 }
 
+/// envd's `/envs` through the gateway once it answers 200 (bounded: the tunnel may come up
+/// just after the worker joined).
+fn wait_envs(gateway: SocketAddr, id: &str) -> Result<Value, String> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, envs) = envs_through_gateway(gateway, id);
+        if status == 200 {
+            return Ok(envs);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "envd of {id} never answered through the gateway: {status} {envs}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Answers `wait` until `done` is set, then `done`.
 fn signal_server(done: Arc<AtomicBool>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -453,23 +474,11 @@ fn drive(
     if status != 200 {
         return Err(format!("metrics: {status} {metrics}"));
     }
-    // The tunnel may come up just after the worker joined: bounded retries.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (status, envs) = envs_through_gateway(gateway, &id);
-        if status == 200 {
-            seen.note(format!("envs through the gateway: {envs}"));
-            if envs["ROOST_TEST"] != "hello" {
-                return Err(format!("envd has not the sandbox's env vars: {envs}"));
-            }
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "envd never answered through the gateway: {status} {envs}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    // The tunnel may come up just after the worker joined.
+    let envs = wait_envs(gateway, &id)?;
+    seen.note(format!("envs through the gateway: {envs}"));
+    if envs["ROOST_TEST"] != "hello" {
+        return Err(format!("envd has not the sandbox's env vars: {envs}"));
     }
     for cycle in 1..=2 {
         let (status, body) = timed(
@@ -513,6 +522,58 @@ fn drive(
         if state != "running" {
             return Err(format!("after resume {cycle}: state {state}"));
         }
+    }
+    // A snapshot becomes a template: a sandbox created from it has the first one's memory
+    // (envd still holds ROOST_TEST, which this create does not set).
+    let (status, snapshot) = timed(
+        seen,
+        "snapshot",
+        "POST",
+        &format!("/sandboxes/{id}/snapshots"),
+        Some(json!({})),
+    );
+    if status != 201 {
+        return Err(format!("snapshot: {status} {snapshot}"));
+    }
+    let snapshot_id = snapshot["snapshotID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (status, clone) = timed(
+        seen,
+        "create from the snapshot",
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": snapshot_id, "timeout": 3600})),
+    );
+    if status != 201 {
+        return Err(format!("create from the snapshot: {status} {clone}"));
+    }
+    let clone_id = clone["sandboxID"].as_str().unwrap_or_default().to_owned();
+    let envs = wait_envs(gateway, &clone_id)?;
+    seen.note(format!("envs of the snapshot's clone: {envs}"));
+    if envs["ROOST_TEST"] != "hello" {
+        return Err(format!("the clone lacks the snapshot's memory: {envs}"));
+    }
+    let (status, body) = timed(
+        seen,
+        "kill the clone",
+        "DELETE",
+        &format!("/sandboxes/{clone_id}"),
+        None,
+    );
+    if status != 204 {
+        return Err(format!("kill the clone: {status} {body}"));
+    }
+    let (status, body) = timed(
+        seen,
+        "delete the snapshot template",
+        "DELETE",
+        &format!("/templates/{snapshot_id}"),
+        None,
+    );
+    if status != 204 {
+        return Err(format!("delete template: {status} {body}"));
     }
     let (status, second) = timed(
         seen,
@@ -664,6 +725,11 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
         get("paused-left"),
         "0",
         "the killed sandbox's snapshots are gone; {all}"
+    );
+    assert_eq!(
+        get("snapshots-left"),
+        "0",
+        "the deleted template is gone; {all}"
     );
     assert_eq!(get("creds-mode"), "600", "credentials are private; {all}");
     assert_eq!(run.exit_code, 0, "{all}");
