@@ -3,7 +3,9 @@
 //! value to a file; the VM is snapshotted (full, then diffs chained on it), the VMM killed, and
 //! a new VMM process restored from the snapshot — many times. After every restore the agent
 //! must answer an exec over vsock (old connections were reset) and the count must have gone
-//! on: the file holds 1, 2, 3, … with no gap and no restart. Also: a page the guest zeroed
+//! on: the file holds 1, 2, 3, … with no gap and no restart. The same count goes to a file on
+//! the VM's copy-on-write disk, which every restore recreates in a new overlay from the
+//! snapshots' disk layers; read back from the disk at the end, it equals the in-memory copy. Also: a page the guest zeroed
 //! comes back zero, truncated / corrupted / future-version state files are refused with a
 //! message naming the problem, the API's stop ends the VMM with exit 5, and nothing (process,
 //! socket) is left over.
@@ -48,12 +50,12 @@ check_log() {
 
 roost-agent-ctl wait-ready --vsock-uds /tmp/vm.sock --timeout 300 > /dev/null 2>/tmp/wait.err &
 W=$!
-roost vm run --rootfs-ro --mem 256 --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-boot.log \
+roost vm run --rootfs-overlay /tmp/ov-boot.cow --mem 256 --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-boot.log \
     --api-socket /tmp/api.sock 2>/tmp/vmm-boot.err &
 V=$!
 wait $W
 result ready $?
-$CTL exec -- sh -c 'setsid sh -c "i=0; while :; do i=\$((i+1)); echo \$i >> /tmp/log; sleep 0.05; done" < /dev/null > /dev/null 2>&1 &'
+$CTL exec -- sh -c 'setsid sh -c "echo \$\$ > /tmp/counter.pid; i=0; while :; do i=\$((i+1)); echo \$i >> /tmp/log; echo \$i >> /var/tmp/disk-log; sleep 0.05; done" < /dev/null > /dev/null 2>&1 &'
 result counter-started $?
 sleep 2
 $API '{"op":"status"}' > /tmp/status.out
@@ -75,7 +77,7 @@ LAST_N=0
 while [ $CYCLE -lt __CYCLES__ ]; do
   CYCLE=$((CYCLE+1))
   T0=$(now_ms)
-  roost vm run --restore $PREV --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-$CYCLE.log \
+  roost vm run --restore $PREV --rootfs-overlay /tmp/ov-$CYCLE.cow --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-$CYCLE.log \
       --api-socket /tmp/api.sock 2>/tmp/vmm-$CYCLE.err &
   V=$!
   if ! wait_agent; then FAILED="$FAILED agent@$CYCLE"; kill -9 $V; wait $V; break; fi
@@ -105,7 +107,7 @@ result cycle-failures "${FAILED:-none}"
 result zeros "$(head -c 4194304 /dev/zero | sha256sum | cut -d' ' -f1)"
 
 # The last snapshot once more: counted on, then stopped through the API.
-roost vm run --restore $PREV --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-last.log \
+roost vm run --restore $PREV --rootfs-overlay /tmp/ov-last.cow --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-last.log \
     --api-socket /tmp/api.sock 2>/tmp/vmm-last.err &
 V=$!
 wait_agent
@@ -114,6 +116,11 @@ LOG=$(check_log)
 result last-log "${LOG%% *}"
 N=${LOG#ok }
 [ "$N" -gt "$LAST_N" ] 2>/dev/null && result counted-on yes || result counted-on "no ($LOG after $LAST_N)"
+# The same count went to a file on the disk (an overlay restored from 20 snapshots' layers):
+# stop the counter, drop the guest's page cache so the file is read back from the disk, and
+# compare it with the copy in memory.
+$CTL exec -- sh -c 'kill $(cat /tmp/counter.pid); sync; echo 3 > /proc/sys/vm/drop_caches'
+result disk-log "$($CTL exec -- sh -c 'cmp /tmp/log /var/tmp/disk-log && echo same; wc -l < /var/tmp/disk-log' | tr '\n' ' ')"
 $API '{"op":"snapshot","dir":"relative/dir","kind":"full"}' > /tmp/relative.out
 result relative $?
 $API '{"op":"snapshot","dir":"/tmp/snap/x","kind":"diff"}' > /tmp/noparent.out
@@ -128,7 +135,7 @@ result stop-exit $?
 roost-pager serve --snapshot $PREV --socket /tmp/pager.sock 2>/tmp/pager.err &
 PG=$!
 i=0; until [ -S /tmp/pager.sock ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
-roost vm run --restore $PREV --memory-backend uffd --pager-socket /tmp/pager.sock \
+roost vm run --restore $PREV --rootfs-overlay /tmp/ov-uffd.cow --memory-backend uffd --pager-socket /tmp/pager.sock \
     --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-uffd.log 2>/tmp/vmm-uffd.err &
 V=$!
 wait_agent
@@ -210,6 +217,12 @@ fn snapshot_restore_cycles_in_host_vm() {
     assert_eq!(get("last-agent"), "0", "{all}");
     assert_eq!(get("last-log"), "ok", "{all}");
     assert_eq!(get("counted-on"), "yes", "{all}");
+    let disk_log = get("disk-log");
+    assert!(
+        disk_log.starts_with("same "),
+        "the file on the overlay disk, read back from the disk after 20 pause/restore cycles, \
+         equals the in-memory copy: {disk_log}; {all}"
+    );
     assert_eq!(get("relative"), "1", "{all}");
     assert!(
         out("relative.out").contains("must be an absolute path"),
