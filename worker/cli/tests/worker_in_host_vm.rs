@@ -471,7 +471,7 @@ fn drive(
         &format!("/sandboxes/{id}/metrics"),
         None,
     );
-    if status != 200 {
+    if status != 200 || metrics[0]["memUsed"].as_u64().unwrap_or(0) == 0 {
         return Err(format!("metrics: {status} {metrics}"));
     }
     // The tunnel may come up just after the worker joined.

@@ -874,9 +874,17 @@ impl<B: VmBackend> SandboxManager<B> {
         let State::Running(running) = &mut entry.state else {
             return Ok(Vec::new());
         };
+        // The VMM joins its cgroup after it started, so the group is not charged for what
+        // it mapped before: memory is the larger of the group's charge and the VMM's RSS.
+        let process = metrics::read_proc(Path::new("/proc"), running.vm.pid());
         let reading = match &running.cgroup {
-            Some(group) => metrics::read_cgroup(group),
-            None => metrics::read_proc(Path::new("/proc"), running.vm.pid()),
+            Some(group) => metrics::read_cgroup(group)
+                .map(|r| Reading {
+                    cpu_usage_us: r.cpu_usage_us,
+                    memory_bytes: r.memory_bytes.max(process.map_or(0, |p| p.memory_bytes)),
+                })
+                .or(process),
+            None => process,
         };
         Ok(reading
             .map(|r| {
