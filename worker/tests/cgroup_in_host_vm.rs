@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use roost_hostvm::HostVm;
+use roost_hostvm::script::ScriptRun;
 use roost_worker::cgroup::{CgroupTree, Limits};
 
 const PROBE_TEST: &str = "probe_cgroups_inside_host_vm";
@@ -173,33 +174,13 @@ fn memory_hog_inside_host_vm() {
 #[test]
 fn cgroups_in_host_vm() {
     let me = std::env::current_exe().unwrap();
-    let probe = me.file_name().unwrap().to_string_lossy().into_owned();
-    let outcome = HostVm::builder()
+    let builder = HostVm::builder()
         .timeout(Duration::from_secs(300))
-        .binaries(vec![me])
-        .capture_output()
-        .run([
-            probe.as_str(),
-            "--exact",
-            PROBE_TEST,
-            "--ignored",
-            "--nocapture",
-        ])
-        .expect("host VM run");
-    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    let all = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&outcome.stderr)
-    );
-    let get = |key: &str| -> String {
-        stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("RESULT "))
-            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no result `{key}`; {all}"))
-            .to_owned()
-    };
-    assert_eq!(outcome.exit_code, 0, "{all}");
+        .binaries(vec![me]);
+    let run = ScriptRun::run_probe(builder, PROBE_TEST).expect("host VM run");
+    let all = run.transcript();
+    let get = |key: &str| -> String { run.expect_result(key).to_owned() };
+    assert_eq!(run.exit_code, 0, "{all}");
     for key in [
         "spawn-placed",
         "cpu-throttled",

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use roost_hostvm::HostVm;
 use roost_hostvm::overlay::{binaries_dir, project_binaries};
+use roost_hostvm::script::ScriptRun;
 use roost_images::{ArtefactIndex, Cache};
 use roost_worker::cgroup::{CgroupTree, Limits, SandboxCgroup, Usage};
 
@@ -356,41 +357,23 @@ fn probe_limits_inside_host_vm() {
 #[test]
 fn limits_in_host_vm() {
     let me = std::env::current_exe().unwrap();
-    let probe = me.file_name().unwrap().to_string_lossy().into_owned();
     let mut binaries = project_binaries(&binaries_dir().unwrap()).unwrap();
     binaries.push(me);
-    let outcome = HostVm::builder()
+    let builder = HostVm::builder()
         .timeout(Duration::from_secs(900))
-        .binaries(binaries)
-        .capture_output()
-        .run([
-            probe.as_str(),
-            "--exact",
-            PROBE_TEST,
-            "--ignored",
-            "--nocapture",
-        ])
+        .binaries(binaries);
+    let run = ScriptRun::run_probe(builder, PROBE_TEST)
         .expect("host VM run (needs release binaries and `roost images build`)");
-    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    let all = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&outcome.stderr)
-    );
-    let get = |key: &str| -> String {
-        stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("RESULT "))
-            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no result `{key}`; {all}"))
-            .to_owned()
-    };
+    let stdout = run.stdout.clone();
+    let all = run.transcript();
+    let get = |key: &str| -> String { run.expect_result(key).to_owned() };
     // The figures behind the verdicts, shown with --nocapture.
     for line in stdout.lines() {
         if line.starts_with("RESULT ") || line.starts_with("DIAG ") {
             println!("{line}");
         }
     }
-    assert_eq!(outcome.exit_code, 0, "{all}");
+    assert_eq!(run.exit_code, 0, "{all}");
     for key in [
         "spin-ready",
         "quiet-ready",

@@ -22,6 +22,8 @@ pub enum ScriptError {
         #[source]
         source: roost_images::IndexError,
     },
+    #[error("cannot find the running test executable")]
+    CurrentExe(#[source] std::io::Error),
     #[error("the host VM run failed (release binaries are needed: cargo build --release)")]
     HostVm(#[from] HostVmError),
 }
@@ -49,6 +51,30 @@ impl ScriptRun {
                 })?;
         }
         let outcome = builder.capture_output().run(["sh", "-c", script])?;
+        Ok(Self::from_output(
+            String::from_utf8_lossy(&outcome.stdout).into_owned(),
+            String::from_utf8_lossy(&outcome.stderr).into_owned(),
+            outcome.exit_code,
+        ))
+    }
+
+    /// Runs the test `test` (an `#[ignore]`d probe) of the calling test executable inside the
+    /// host VM that `builder` describes, which must make that executable available (e.g.
+    /// `.binaries(vec![std::env::current_exe()?, ...])`), and parses what it printed. The
+    /// probe prints `RESULT <key> <value>` lines like a script does.
+    pub fn run_probe(builder: HostVm, test: &str) -> Result<Self, ScriptError> {
+        let exe = std::env::current_exe().map_err(ScriptError::CurrentExe)?;
+        let name = exe
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let outcome = builder.capture_output().run([
+            name.as_str(),
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+        ])?;
         Ok(Self::from_output(
             String::from_utf8_lossy(&outcome.stdout).into_owned(),
             String::from_utf8_lossy(&outcome.stderr).into_owned(),

@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use roost_hostvm::HostVm;
+use roost_hostvm::script::ScriptRun;
 use roost_images::{ArtefactIndex, Cache};
 use sha2::{Digest, Sha256};
 
@@ -171,32 +172,13 @@ fn vsock_in_host_vm_end_to_end() {
         "this test needs the roost binary at {} (cargo build -p roost, same profile)",
         roost.display()
     );
-    let probe = me.file_name().unwrap().to_string_lossy().into_owned();
-    let outcome = HostVm::builder()
+    let builder = HostVm::builder()
         .timeout(Duration::from_secs(600))
-        .binaries(vec![roost, me])
-        .capture_output()
-        .run([
-            probe.as_str(),
-            "--exact",
-            PROBE_TEST,
-            "--ignored",
-            "--nocapture",
-        ])
-        .expect("host VM run");
-    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    let all = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&outcome.stderr)
-    );
-    let get = |key: &str| -> String {
-        stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("RESULT "))
-            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no result `{key}`; {all}"))
-            .to_owned()
-    };
+        .binaries(vec![roost, me]);
+    let run = ScriptRun::run_probe(builder, PROBE_TEST).expect("host VM run");
+    let stdout = run.stdout.clone();
+    let all = run.transcript();
+    let get = |key: &str| -> String { run.expect_result(key).to_owned() };
     let serial = |needle: &str| stdout.lines().any(|l| l == format!("SERIAL {needle}"));
 
     let sent = host_to_guest_payload();
