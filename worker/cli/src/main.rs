@@ -4,6 +4,7 @@
 //! this file maps errors to exit codes.
 
 mod cmd_certs;
+mod cmd_disk;
 mod cmd_doctor;
 mod cmd_gateway;
 mod cmd_hostvm;
@@ -69,6 +70,9 @@ enum Command {
     /// Build and list template snapshots (booted, agent-ready VMs that sandboxes restore from).
     #[command(subcommand)]
     Templates(cmd_templates::TemplatesCommand),
+    /// Copy-on-write disks by hand: device-mapper snapshots (create, remove, clean, list).
+    #[command(subcommand)]
+    Disk(cmd_disk::DiskCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         Command::Net(command) => cmd_net::run(command),
         Command::Templates(command) => cmd_templates::run(command),
         Command::Jail(command) => cmd_jail::run(command),
+        Command::Disk(command) => cmd_disk::run(command),
         Command::Serve(command) => cmd_serve::run_serve(command),
         Command::Control(command) => cmd_serve::run_control(command),
     };

@@ -46,6 +46,13 @@ fn dm() -> Result<DM, DiskError> {
     DM::new().map_err(DiskError::DmUnavailable)
 }
 
+/// Whether the kernel has the `snapshot` target loaded (the kernel loads `dm_snapshot` itself
+/// on the first table that needs it, where module autoloading works).
+fn has_snapshot_target(dm: &DM) -> bool {
+    dm.list_versions()
+        .is_ok_and(|targets| targets.iter().any(|(name, ..)| name == "snapshot"))
+}
+
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
@@ -136,6 +143,152 @@ fn node_of(name: &str, major: u32, minor: u32) -> Result<PathBuf, DiskError> {
     })
 }
 
+/// The `major:minor` block devices a dm table line's parameters name that are loop devices
+/// (for a snapshot: the COW store, and the origin when the base is a file).
+fn loops_in(params: &str) -> Vec<String> {
+    params
+        .split_whitespace()
+        .filter(|word| {
+            word.split_once(':').is_some_and(|(a, b)| {
+                a.parse::<u32>().is_ok()
+                    && b.parse::<u32>().is_ok()
+                    && Path::new(&format!("/sys/dev/block/{word}/loop")).exists()
+            })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `/dev/<DEVNAME>` of block device `major:minor`, if it is there.
+fn node_of_devno(devno: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/sys/dev/block/{devno}/uevent")).ok()?;
+    let dev = text.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
+    Some(Path::new("/dev").join(dev))
+}
+
+/// Whether loop device `major:minor` still has a backing file.
+fn loop_attached(devno: &str) -> bool {
+    Path::new(&format!("/sys/dev/block/{devno}/loop/backing_file")).exists()
+}
+
+/// Detaches loop devices `devnos` once dm has released them: autoclear normally does it when dm
+/// closes them; one that is still attached a moment later (attached without autoclear, e.g. by
+/// hand) is detached here. Returns the loop device nodes that were freed.
+fn release_loops(devnos: &[String]) -> Result<Vec<PathBuf>, DiskError> {
+    let mut freed = Vec::new();
+    for devno in devnos {
+        let node = node_of_devno(devno).unwrap_or_else(|| PathBuf::from(devno));
+        let mut tries = 0;
+        while loop_attached(devno) && tries < 10 {
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if loop_attached(devno) {
+            let detach = loopdev::LoopDevice::open(&node).and_then(|lo| lo.detach());
+            if let Err(source) = detach
+                && loop_attached(devno)
+            {
+                return Err(DiskError::Loop { path: node, source });
+            }
+        }
+        freed.push(node);
+    }
+    Ok(freed)
+}
+
+/// A `roost-*` dm device as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmDevice {
+    /// `roost-<name>`.
+    pub name: String,
+    /// Its node, `/dev/dm-N` (`major:minor` if devtmpfs has none).
+    pub device: PathBuf,
+    /// The active table's parameters (`<origin> <cow> P 8` for a snapshot).
+    pub table: String,
+    /// The target's status (for a snapshot: `used/total metadata`, or `Invalid` when full).
+    pub status: String,
+    /// The loop device nodes it uses.
+    pub loops: Vec<PathBuf>,
+}
+
+/// Table parameters and status of dm device `full_name`.
+fn table_and_status(dm: &DM, full_name: &str) -> Result<(String, String), DiskError> {
+    let dm_err = |op| {
+        let name = full_name.to_owned();
+        move |source| DiskError::Dm { op, name, source }
+    };
+    let name = DmName::new(full_name).map_err(dm_err("name"))?;
+    let id = DevId::Name(name);
+    let join = |lines: Vec<(u64, u64, String, String)>| {
+        lines
+            .into_iter()
+            .map(|(_, _, _, params)| params)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let (_, table) = dm
+        .table_status(
+            &id,
+            DmOptions::default().set_flags(devicemapper::DmFlags::DM_STATUS_TABLE),
+        )
+        .map_err(dm_err("table"))?;
+    let (_, status) = dm
+        .table_status(&id, DmOptions::default())
+        .map_err(dm_err("status"))?;
+    Ok((join(table), join(status)))
+}
+
+/// Every dm device named `roost-*`, by name.
+pub fn list() -> Result<Vec<DmDevice>, DiskError> {
+    let dm = dm()?;
+    let devices = dm.list_devices().map_err(|source| DiskError::Dm {
+        op: "list",
+        name: format!("{NAME_PREFIX}*"),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (name, devno, _) in devices {
+        let name = name.to_string();
+        if !name.starts_with(NAME_PREFIX) {
+            continue;
+        }
+        let devno = format!("{}:{}", devno.major, devno.minor);
+        let (table, status) = table_and_status(&dm, &name)?;
+        let loops = loops_in(&table)
+            .iter()
+            .map(|d| node_of_devno(d).unwrap_or_else(|| PathBuf::from(d)))
+            .collect();
+        out.push(DmDevice {
+            name,
+            device: node_of_devno(&devno).unwrap_or_else(|| PathBuf::from(devno)),
+            table,
+            status,
+            loops,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Removes dm device `full_name` and then frees the loop devices its table used; returns them.
+fn remove_with_loops(dm: &DM, full_name: &str) -> Result<Vec<PathBuf>, DiskError> {
+    let loops = table_and_status(dm, full_name)
+        .map(|(table, _)| loops_in(&table))
+        .unwrap_or_default();
+    remove_device(dm, full_name)?;
+    release_loops(&loops)
+}
+
+/// Whether dm device `full_name` exists (a failed listing counts as yes: the caller then
+/// reports its own error).
+fn exists(dm: &DM, full_name: &str) -> bool {
+    dm.list_devices().map_or(true, |devices| {
+        devices
+            .iter()
+            .any(|(name, ..)| name.to_string() == full_name)
+    })
+}
+
 /// Removes dm device `full_name`, retrying while it is busy.
 fn remove_device(dm: &DM, full_name: &str) -> Result<(), DiskError> {
     let dm_err = |source| DiskError::Dm {
@@ -148,6 +301,9 @@ fn remove_device(dm: &DM, full_name: &str) -> Result<(), DiskError> {
     loop {
         match dm.device_remove(&DevId::Name(name), DmOptions::private()) {
             Ok(_) => return Ok(()),
+            Err(_) if !exists(dm, full_name) => {
+                return Err(DiskError::NoSuchDevice(full_name.to_owned()));
+            }
             Err(err) if tries + 1 < REMOVE_TRIES => {
                 tracing::debug!(%err, name = full_name, "dm remove failed; retrying");
                 tries += 1;
@@ -197,7 +353,13 @@ impl DmSnapshot {
             &[(0, len / 512, "snapshot".to_owned(), table)],
             DmOptions::private(),
         )
-        .map_err(dm_err("table load"))?;
+        .map_err(|source| {
+            if has_snapshot_target(&dm) {
+                dm_err("table load")(source)
+            } else {
+                DiskError::NoSnapshotTarget(source)
+            }
+        })?;
         // Resuming moves the loaded table into the active slot.
         dm.device_suspend(&id, DmOptions::private())
             .map_err(dm_err("resume"))?;
@@ -238,13 +400,14 @@ impl DmSnapshot {
         result
     }
 
-    /// Removes dm device `roost-<name>` made earlier (see [`DmSnapshot::keep`]); its
-    /// autoclear loop devices detach once dm releases them.
-    pub fn remove_by_name(name: &str) -> Result<(), DiskError> {
+    /// Removes dm device `roost-<name>` made earlier (see [`DmSnapshot::keep`]) and frees the
+    /// loop devices it used (autoclear detaches them once dm releases them; one still attached
+    /// is detached). Returns those loop devices.
+    pub fn remove_by_name(name: &str) -> Result<Vec<PathBuf>, DiskError> {
         if !valid_name(name) {
             return Err(DiskError::InvalidName(name.to_owned()));
         }
-        remove_device(&dm()?, &format!("{NAME_PREFIX}{name}"))
+        remove_with_loops(&dm()?, &format!("{NAME_PREFIX}{name}"))
     }
 }
 
@@ -260,9 +423,10 @@ impl Drop for DmSnapshot {
     }
 }
 
-/// Removes every dm device named `roost-*` (left by a worker that died); returns their names.
-/// Their autoclear loop devices detach with them. Call at worker start, before any VM runs.
-pub fn remove_stale() -> Result<Vec<String>, DiskError> {
+/// Removes every dm device named `roost-*` (left by a worker that died) and the loop devices
+/// they used; returns each device's name with its loop devices. Call at worker start, before
+/// any VM runs.
+pub fn remove_stale() -> Result<Vec<(String, Vec<PathBuf>)>, DiskError> {
     let dm = dm()?;
     let devices = dm.list_devices().map_err(|source| DiskError::Dm {
         op: "list",
@@ -273,9 +437,9 @@ pub fn remove_stale() -> Result<Vec<String>, DiskError> {
     for (name, _, _) in devices {
         let name = name.to_string();
         if name.starts_with(NAME_PREFIX) {
-            remove_device(&dm, &name)?;
-            tracing::info!(%name, "removed stale dm device");
-            removed.push(name);
+            let loops = remove_with_loops(&dm, &name)?;
+            tracing::info!(%name, ?loops, "removed stale dm device");
+            removed.push((name, loops));
         }
     }
     Ok(removed)
@@ -312,6 +476,14 @@ mod tests {
             "{err}"
         );
         assert!(!cow.exists());
+    }
+
+    #[test]
+    fn only_device_numbers_of_a_table_are_loop_candidates() {
+        // No `/sys/dev/block/0:0/loop` anywhere: nothing qualifies, and words that are not
+        // `major:minor` are never looked up.
+        assert!(loops_in("0:0 0:0 P 8").is_empty());
+        assert!(loops_in("/dev/x P 8 a:b").is_empty());
     }
 
     #[test]

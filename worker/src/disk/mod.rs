@@ -12,7 +12,9 @@
 mod dm_snapshot;
 mod loops;
 
-pub use dm_snapshot::{DmSnapshot, NAME_PREFIX, cow_size_for, dm_available, remove_stale};
+pub use dm_snapshot::{
+    DmDevice, DmSnapshot, NAME_PREFIX, cow_size_for, dm_available, list, remove_stale,
+};
 
 use std::path::PathBuf;
 
@@ -20,9 +22,15 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error(
-        "device-mapper is not available (no /dev/mapper/control or no dm_mod/dm_snapshot in this kernel)"
+        "device-mapper is not available: cannot open /dev/mapper/control (needs root and the \
+         dm_mod module: `modprobe dm_mod dm_snapshot`; `roost doctor` checks this host)"
     )]
     DmUnavailable(#[source] devicemapper::DmError),
+    #[error(
+        "this kernel's device-mapper has no `snapshot` target: load it with `modprobe dm_snapshot` \
+         (as root)"
+    )]
+    NoSnapshotTarget(#[source] devicemapper::DmError),
     #[error(
         "invalid disk name {0:?}: use 1-64 characters from a-z, A-Z, 0-9, '-', '_' (it becomes dm device roost-NAME)"
     )]
@@ -54,6 +62,8 @@ pub enum DiskError {
         #[source]
         source: devicemapper::DmError,
     },
+    #[error("there is no dm device {0} (`roost disk dm list` shows the roost- devices)")]
+    NoSuchDevice(String),
     #[error("the device node of dm device {name} ({device}) did not appear under /dev")]
     NoNode { name: String, device: String },
 }
