@@ -4,9 +4,11 @@
 //! 10.0.2.2 through QEMU's user networking (REST for registration, the QUIC channel through
 //! `--channel-public-addr`). The test then uses the E2B API with a tenant's API key: create a
 //! sandbox, see it running (state and a metrics sample from its VMM), pause, resume, pause,
-//! resume, create a second one, kill the first; then it lets the script SIGTERM the worker,
-//! which must stop the second VM and leave nothing in its runtime root, no VMM process and no
-//! sandbox cgroup (the worker runs with `--cgroup-parent`).
+//! resume, create a second one, kill the first; then the script kills the worker with SIGKILL
+//! (the second VM must die with it) and restarts it (credentials reused, the stale runtime
+//! directory and cgroup removed); a third sandbox is created on it, and SIGTERM must stop that
+//! VM and leave nothing in the runtime root, no VMM process and no sandbox cgroup (the worker
+//! runs with `--cgroup-parent`).
 //! A `roost serve gateway` on this machine takes the worker's tunnel (`--gateway`): envd's
 //! `/envs` in the sandbox is read through it (`49983-<id>.roost.test`) after the create and
 //! after a resume, and a request to the paused sandbox resumes it (the gateway's auto-resume).
@@ -51,20 +53,47 @@ roost_procs() {
 roost templates build --image base --runtime-root /tmp/build-rt --ready-timeout 240 \
     > /tmp/build.out 2>/tmp/build.err
 result build $?
-RUST_LOG=info,roost_worker=debug roost serve worker --control-url http://10.0.2.2:$API_PORT \
-    --data-dir $WD --runtime-root $RT --template base --ready-timeout 240 --max-backoff 5s \
-    --gateway 10.0.2.2:$TUNNEL_PORT --gateway-ca /tmp/gateway-ca.pem --cgroup-parent roost-worker \
-    > /tmp/worker.out 2>/tmp/worker.err &
+worker() {
+  RUST_LOG=info,roost_worker=debug roost serve worker --control-url http://10.0.2.2:$API_PORT \
+      --data-dir $WD --runtime-root $RT --template base --ready-timeout 240 --max-backoff 5s \
+      --gateway 10.0.2.2:$TUNNEL_PORT --gateway-ca /tmp/gateway-ca.pem \
+      --cgroup-parent roost-worker > /tmp/worker$1.out 2>/tmp/worker$1.err &
+}
+worker 1
 W=$!
-# The test drives control's API; it answers `done` on its signal port when it has finished.
-i=0
-until wget -q -O - http://10.0.2.2:$SIGNAL_PORT/ 2>/dev/null | grep -q done; do
-  i=$((i+1))
-  if [ $i -gt 2400 ]; then result signal timeout; break; fi
-  sleep 1
-done
+# The test drives control's API and says on its signal port what comes next: `crash` once a
+# sandbox runs, `done` once another runs on the restarted worker.
+await() {
+  i=0
+  until wget -q -O - http://10.0.2.2:$SIGNAL_PORT/ 2>/dev/null | grep -q "$1"; do
+    i=$((i+1))
+    if [ $i -gt 2400 ]; then result signal-$1 timeout; break; fi
+    sleep 1
+  done
+}
+await crash
 result running-vmms "$(roost_procs | wc -l)"
 result running-cgroups "$(ls -d /sys/fs/cgroup/roost-worker/cl-* 2>/dev/null | wc -l)"
+# A crash: the VMM dies with the worker; a restart (credentials reused) clears what is left.
+kill -9 $W
+wait $W 2>/dev/null
+sleep 1
+result crash-vmms "$(roost_procs | wc -l)"
+result crash-leftover "$(find $RT -mindepth 1 -maxdepth 1 | wc -l)"
+worker 2
+W=$!
+i=0
+until grep -q 'joined control' /tmp/worker2.out; do
+  i=$((i+1))
+  if [ $i -gt 120 ]; then result rejoined timeout; break; fi
+  sleep 1
+done
+result restart-leftover "$(find $RT -mindepth 1 | wc -l)"
+result restart-cgroups "$(ls -d /sys/fs/cgroup/roost-worker/cl-* 2>/dev/null | wc -l)"
+result restart-registered "$(grep -c 'registered as' /tmp/worker2.out)"
+wget -q -O - http://10.0.2.2:$SIGNAL_PORT/rejoined > /dev/null 2>&1
+await done
+result running-vmms-2 "$(roost_procs | wc -l)"
 kill -TERM $W
 i=0
 while kill -0 $W 2>/dev/null; do
@@ -82,8 +111,9 @@ roost_procs | sed 's/^/PROC /'
 result paused-left "$(ls $WD/paused | wc -l)"
 result snapshots-left "$(ls $WD/snapshots | wc -l)"
 result creds-mode "$(stat -c %a $WD/worker-credentials.json)"
-sed 's/^/WORKER-OUT /' /tmp/worker.out
-sed 's/^/WORKER-ERR /' /tmp/worker.err | tail -n 200
+sed 's/^/WORKER-OUT /' /tmp/worker1.out /tmp/worker2.out
+sed 's/^/WORKER-ERR /' /tmp/worker1.err | tail -n 200
+sed 's/^/WORKER2-ERR /' /tmp/worker2.err | tail -n 60
 sed 's/^/BUILD-ERR /' /tmp/build.err | tail -n 40
 "#;
 
@@ -328,20 +358,38 @@ fn wait_envs(gateway: SocketAddr, id: &str) -> Result<Value, String> {
     }
 }
 
-/// Answers `wait` until `done` is set, then `done`.
-fn signal_server(done: Arc<AtomicBool>) -> u16 {
+/// What the signal server answers the script, and the paths the script asked for.
+#[derive(Debug, Default)]
+struct Signal {
+    phase: Mutex<&'static str>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl Signal {
+    fn set(&self, phase: &'static str) {
+        *self.phase.lock().unwrap() = phase;
+    }
+
+    fn asked(&self, path: &str) -> bool {
+        self.asked.lock().unwrap().iter().any(|p| p == path)
+    }
+}
+
+/// Answers every request with the current phase (`wait` at first), recording its path.
+fn signal_server(signal: Arc<Signal>) -> u16 {
+    signal.set("wait");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             let mut buf = [0u8; 1024];
-            let _ = stream.read(&mut buf);
-            let word = if done.load(Ordering::SeqCst) {
-                "done"
-            } else {
-                "wait"
-            };
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            if let Some(path) = request.split_whitespace().nth(1) {
+                signal.asked.lock().unwrap().push(path.to_owned());
+            }
+            let word = *signal.phase.lock().unwrap();
             let _ = write!(
                 stream,
                 "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{word}",
@@ -383,7 +431,7 @@ fn drive(
     gateway: SocketAddr,
     seen: &mut Seen,
     script_done: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let (status, login) = http(
         api,
         "POST",
@@ -597,7 +645,47 @@ fn drive(
         None,
     );
     seen.note(format!("after kill: GET {status}"));
-    Ok(())
+    Ok(key)
+}
+
+/// After the worker's crash and restart: one more sandbox, left running for the SIGTERM.
+fn after_restart(
+    api: SocketAddr,
+    key: &str,
+    signal: &Signal,
+    seen: &mut Seen,
+    script_done: &AtomicBool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !signal.asked("/rejoined") {
+        if Instant::now() >= deadline || script_done.load(Ordering::SeqCst) {
+            return Err("the restarted worker never re-joined".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Control may still be replacing the dead session: bounded retries.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let started = Instant::now();
+        let (status, body) = http(
+            api,
+            "POST",
+            "/v2/sandboxes",
+            &api_key(key),
+            Some(json!({"templateID": "base", "timeout": 3600})),
+        );
+        seen.note(format!(
+            "create after the restart: {status} in {} ms: {body}",
+            started.elapsed().as_millis()
+        ));
+        if status == 201 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("create after the restart: {status} {body}"));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
 #[test]
@@ -653,8 +741,8 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
     let gateway_http = gateway.http;
     let ca = certs.path().join("ca.pem");
 
-    let done = Arc::new(AtomicBool::new(false));
-    let signal_port = signal_server(done.clone());
+    let signal = Arc::new(Signal::default());
+    let signal_port = signal_server(signal.clone());
     let script_done = Arc::new(AtomicBool::new(false));
     let finished = script_done.clone();
     let vm = std::thread::spawn(move || {
@@ -675,8 +763,11 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
     });
 
     let mut seen = Seen::default();
-    let outcome = drive(api, gateway_http, &mut seen, &script_done);
-    done.store(true, Ordering::SeqCst);
+    let outcome = drive(api, gateway_http, &mut seen, &script_done).and_then(|key| {
+        signal.set("crash");
+        after_restart(api, &key, &signal, &mut seen, &script_done)
+    });
+    signal.set("done");
     let run = vm.join().unwrap().unwrap_or_else(|e| {
         panic!("host VM run (needs release binaries: cargo build --release -p roost): {e:#?}")
     });
@@ -708,6 +799,32 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
         get("running-cgroups"),
         "1",
         "the running sandbox's VMM has its cgroup; {all}"
+    );
+    assert_eq!(
+        get("crash-vmms"),
+        "0",
+        "VMMs die with a killed worker; {all}"
+    );
+    assert_eq!(
+        get("crash-leftover"),
+        "1",
+        "a killed worker leaves its runtime directory; {all}"
+    );
+    assert_eq!(get("restart-leftover"), "0", "a restart removes it; {all}");
+    assert_eq!(
+        get("restart-cgroups"),
+        "0",
+        "a restart removes stale cgroups; {all}"
+    );
+    assert_eq!(
+        get("restart-registered"),
+        "0",
+        "a restart reuses the credentials; {all}"
+    );
+    assert_eq!(
+        get("running-vmms-2"),
+        "1",
+        "a sandbox runs on the restarted worker before SIGTERM; {all}"
     );
     assert_eq!(get("worker-exit"), "0", "SIGTERM stops the worker; {all}");
     assert_eq!(
