@@ -561,50 +561,6 @@ async fn join_loop(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
-    use super::*;
-
-    #[test]
-    fn credentials_are_private_and_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(CREDENTIALS_FILE);
-        assert!(Credentials::load(&path).unwrap().is_none());
-        let creds = Credentials {
-            worker_id: "wrk_1".into(),
-            ca_pem: "CA".into(),
-            cert_pem: "CERT".into(),
-            key_pem: "KEY".into(),
-            server_name: "control.roost".into(),
-            channel_address: "127.0.0.1:7443".into(),
-        };
-        creds.save(&path).unwrap();
-        creds.save(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let back = Credentials::load(&path).unwrap().unwrap();
-        assert_eq!(back.worker_id, "wrk_1");
-        assert_eq!(back.key_pem, "KEY");
-        std::fs::write(&path, b"{").unwrap();
-        assert!(Credentials::load(&path).is_err());
-    }
-
-    #[test]
-    fn template_dirs_parse() {
-        let (id, dir) = parse_template_dir("mine=/snap/x").unwrap();
-        assert_eq!((id.as_str(), dir), ("mine", PathBuf::from("/snap/x")));
-        assert!(parse_template_dir("mine").is_err());
-        assert!(parse_template_dir("../x=/d").is_err());
-    }
-
-    #[test]
-    fn host_memory_is_read() {
-        assert!(host_memory_mib() > 0);
-    }
-}
-
 /// Serves `GET /metrics` (the warm pools in the Prometheus text format) on `addr`.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
@@ -655,4 +611,48 @@ async fn serve_metrics(
             });
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn credentials_are_private_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CREDENTIALS_FILE);
+        assert!(Credentials::load(&path).unwrap().is_none());
+        let creds = Credentials {
+            worker_id: "wrk_1".into(),
+            ca_pem: "CA".into(),
+            cert_pem: "CERT".into(),
+            key_pem: "KEY".into(),
+            server_name: "control.roost".into(),
+            channel_address: "127.0.0.1:7443".into(),
+        };
+        creds.save(&path).unwrap();
+        creds.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let back = Credentials::load(&path).unwrap().unwrap();
+        assert_eq!(back.worker_id, "wrk_1");
+        assert_eq!(back.key_pem, "KEY");
+        std::fs::write(&path, b"{").unwrap();
+        assert!(Credentials::load(&path).is_err());
+    }
+
+    #[test]
+    fn template_dirs_parse() {
+        let (id, dir) = parse_template_dir("mine=/snap/x").unwrap();
+        assert_eq!((id.as_str(), dir), ("mine", PathBuf::from("/snap/x")));
+        assert!(parse_template_dir("mine").is_err());
+        assert!(parse_template_dir("../x=/d").is_err());
+    }
+
+    #[test]
+    fn host_memory_is_read() {
+        assert!(host_memory_mib() > 0);
+    }
 }
