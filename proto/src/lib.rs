@@ -12,5 +12,6 @@ pub mod quic_stream;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod tunnel;
+pub mod vmm_api;
 
 pub use ids::{IdError, SandboxId};

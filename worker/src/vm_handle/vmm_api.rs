@@ -2,78 +2,19 @@
 //! `roost_vmm::api`): one Unix stream connection per request, one JSON object per line each
 //! way. Pause, resume, snapshot and stop a running VM without signals.
 //!
-//! The wire types are declared here rather than taken from `roost_vmm::api`: the worker talks
-//! to the VMM as a separate process and should not link the KVM crate for a handful of serde
-//! structs; the field names are the protocol (worker/vmm/src/api/mod.rs), and the tests below
-//! pin them.
+//! The wire types are `roost_proto::vmm_api`, shared with the server; the worker talks to the
+//! VMM as a separate process and does not link the KVM crates.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use roost_proto::vmm_api::{MAX_LINE, Reply};
+pub use roost_proto::vmm_api::{Request as ApiRequest, RunState, SnapshotInfo, SnapshotKind};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-/// Longest reply line read.
-const MAX_REPLY: u64 = 64 * 1024;
-
-/// Full or diff snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotKind {
-    /// Every page of guest memory.
-    Full,
-    /// Only pages written since the parent snapshot.
-    Diff,
-}
-
-/// One request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum ApiRequest {
-    Status,
-    Pause,
-    Resume,
-    Snapshot {
-        dir: PathBuf,
-        kind: SnapshotKind,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        parent: Option<PathBuf>,
-        resume: bool,
-    },
-    Stop,
-}
-
-/// Whether the VM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Running,
-    Paused,
-}
-
-/// What a snapshot wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct SnapshotInfo {
-    pub dir: PathBuf,
-    pub kind: SnapshotKind,
-    pub memory_pages_written: u64,
-    pub memory_depth: u32,
-    /// How long the VM was held paused for the snapshot.
-    pub paused_ms: u64,
-    pub state_bytes: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct Reply {
-    ok: bool,
-    #[serde(default)]
-    state: Option<RunState>,
-    #[serde(default)]
-    snapshot: Option<SnapshotInfo>,
-    #[serde(default)]
-    error: Option<String>,
-}
+/// Longest reply line accepted (the server's own request limit).
+const MAX_REPLY: u64 = MAX_LINE as u64;
 
 /// What a successful request answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
