@@ -67,7 +67,7 @@ pub struct SandboxRunArgs {
     #[arg(long, default_value = "base")]
     pub image: String,
     /// Restore from this template snapshot (`roost templates build`) instead of booting.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["rootfs", "kernel", "writable", "append"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["rootfs", "kernel", "writable", "disk", "append"])]
     pub template: Option<TemplateName>,
     /// The restored sandbox's id (with --template) [default: sb-<pid>].
     #[arg(long, value_name = "ID", requires = "template")]
@@ -93,9 +93,15 @@ pub struct SandboxRunArgs {
     /// Guest kernel [default: `kernel` from the artefact index].
     #[arg(long, value_name = "VMLINUX")]
     pub kernel: Option<PathBuf>,
-    /// Boot from a private writable copy of the image instead of the shared read-only one.
-    #[arg(long)]
+    /// Boot from a private writable copy of the image instead of the shared read-only one
+    /// (the same as `--disk copy`).
+    #[arg(long, conflicts_with = "disk")]
     pub writable: bool,
+    /// A writable root disk for this sandbox over the shared read-only image: `overlay` (the
+    /// VMM's copy-on-write overlay file), `dm` (a device-mapper snapshot over loop devices;
+    /// root and the dm_snapshot module), or `copy` (a full private copy). Default: read-only.
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub disk: Option<DiskArg>,
     /// Number of vCPUs (1–16).
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
@@ -125,6 +131,13 @@ pub struct SandboxRunArgs {
     /// The command to run in the guest.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskArg {
+    Overlay,
+    Dm,
+    Copy,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -166,15 +179,69 @@ enum Start {
 }
 
 pub fn run(args: SandboxRunArgs) -> anyhow::Result<i32> {
+    // Held until the sandbox is gone: its drop removes the dm device and its loop devices.
+    let mut dm_disk = None;
     let start = match args.template {
         Some(name) => restore_from(&args, name)?,
-        None => Start::Boot(config_from(&args)?),
+        None => {
+            let mut config = config_from(&args)?;
+            if args.disk == Some(DiskArg::Dm) {
+                let disk = DmDisk::create(&config.rootfs, &config.runtime_dir)?;
+                config.rootfs = disk.device.clone();
+                config.rootfs_mode = RootfsMode::Device;
+                dm_disk = Some(disk);
+            }
+            Start::Boot(config)
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_sandbox(args, start))
+    let outcome = runtime.block_on(run_sandbox(args, start));
+    drop(dm_disk);
+    outcome
+}
+
+/// A sandbox's device-mapper root disk and its COW file (beside the runtime directory, which
+/// must not exist before the boot); both removed on drop.
+struct DmDisk {
+    snapshot: Option<roost_worker::disk::DmSnapshot>,
+    device: PathBuf,
+    cow: PathBuf,
+}
+
+impl DmDisk {
+    fn create(image: &std::path::Path, runtime_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let name = format!("sandbox-{}", std::process::id());
+        let cow = runtime_dir.with_extension("dm-cow");
+        let snapshot = roost_worker::disk::DmSnapshot::create(&name, image, &cow)
+            .with_context(|| format!("cannot make a dm-snapshot disk over {}", image.display()))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&cow);
+            })?;
+        Ok(Self {
+            device: snapshot.device().to_owned(),
+            snapshot: Some(snapshot),
+            cow,
+        })
+    }
+}
+
+impl Drop for DmDisk {
+    fn drop(&mut self) {
+        // The device and its loop devices first, then the COW file they used.
+        if let Some(snapshot) = self.snapshot.take()
+            && let Err(e) = snapshot.remove()
+        {
+            tracing::warn!(device = %self.device.display(), error = %e, "cannot remove the dm disk");
+        }
+        if let Err(e) = std::fs::remove_file(&self.cow)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.cow.display(), error = %e, "cannot remove the dm COW file");
+        }
+    }
 }
 
 /// The template's snapshot and the clone's identity.
@@ -235,10 +302,11 @@ fn config_from(args: &SandboxRunArgs) -> anyhow::Result<VmHandleConfig> {
     ensure_runtime_root(&root)?;
     let runtime_dir = root.join(format!("sandbox-{}", std::process::id()));
     let mut config = VmHandleConfig::new(kernel, rootfs, runtime_dir);
-    config.rootfs_mode = if args.writable {
-        RootfsMode::WritableCopy
-    } else {
-        RootfsMode::ReadOnly
+    config.rootfs_mode = match (args.writable, args.disk) {
+        (true, _) | (_, Some(DiskArg::Copy)) => RootfsMode::WritableCopy,
+        (_, Some(DiskArg::Overlay)) => RootfsMode::Overlay,
+        // `run` puts the dm device in place once the configuration is checked.
+        (_, Some(DiskArg::Dm)) | (false, None) => RootfsMode::ReadOnly,
     };
     config.cpus = args.cpus;
     config.mem_mib = args.mem;

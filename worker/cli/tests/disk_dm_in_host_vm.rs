@@ -145,6 +145,17 @@ result bad-name-cow "$([ -e $W/bad.cow ] && echo yes || echo no)"
 timeout 60 roost disk dm create --name nobase --base /nonexistent --cow $W/bad.cow > /dev/null 2>/tmp/nobase.err
 result no-base $?
 sed 's/^/STDERR nobase: /' /tmp/nobase.err
+# Chosen per sandbox: `roost sandbox run --disk dm|overlay` gives the sandbox a writable root
+# over the shared image and removes it (device, loops, COW file) when the sandbox ends.
+for backend in dm overlay; do
+  timeout 300 roost sandbox run --runtime-root /tmp/sb-rt --disk $backend --ready-timeout 240 -- \
+    sh -c "echo $backend-root > /written-by-sandbox && sync && cat /written-by-sandbox" \
+    > /tmp/sb-$backend.out 2>/tmp/sb-$backend.err
+  result sandbox-$backend-exit $?
+  result sandbox-$backend-out "$(cat /tmp/sb-$backend.out)"
+  result sandbox-$backend-left "$(find /tmp/sb-rt -mindepth 1 | wc -l) $(roost_dms | wc -l) $(our_loops | wc -l)"
+  tail -5 /tmp/sb-$backend.err | sed "s/^/SANDBOX-$backend /"
+done
 result final-dms "$(roost_dms | wc -l)"
 result final-loops "$(our_loops | wc -l)"
 "#;
@@ -249,6 +260,19 @@ fn dm_disks_in_host_vm_boot_writable_persist_and_leave_nothing() {
             .contains("cannot use base image /nonexistent"),
         "{all}"
     );
+    for backend in ["dm", "overlay"] {
+        assert_eq!(get(&format!("sandbox-{backend}-exit")), "0", "{all}");
+        assert_eq!(
+            get(&format!("sandbox-{backend}-out")),
+            format!("{backend}-root"),
+            "a writable root through {backend}; {all}"
+        );
+        assert_eq!(
+            get(&format!("sandbox-{backend}-left")),
+            "0 0 0",
+            "no runtime file, dm device or loop device left after a {backend} sandbox; {all}"
+        );
+    }
     assert_eq!(get("final-dms"), "0", "{all}");
     assert_eq!(get("final-loops"), "0", "{all}");
     assert_eq!(run.exit_code, 0, "{all}");

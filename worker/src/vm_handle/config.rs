@@ -27,6 +27,9 @@ pub enum RootfsMode {
     /// the guest sees a writable disk, the image stays untouched, and snapshots carry the
     /// overlay's clusters (a template built so gives every clone its own writable disk).
     Overlay,
+    /// `rootfs` is the sandbox's own writable disk already (e.g. a device-mapper snapshot of
+    /// the image, `roost_worker::disk::DmSnapshot`): attached writable as it is.
+    Device,
 }
 
 /// What the VMM's seccomp filters do with a syscall outside a thread's allowlist

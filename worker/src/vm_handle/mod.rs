@@ -89,7 +89,9 @@ impl VmHandle {
         config.validate()?;
         let runtime_dir = RuntimeDir::create(&config.runtime_dir)?;
         let rootfs = match config.rootfs_mode {
-            RootfsMode::ReadOnly | RootfsMode::Overlay => config.rootfs.clone(),
+            RootfsMode::ReadOnly | RootfsMode::Overlay | RootfsMode::Device => {
+                config.rootfs.clone()
+            }
             RootfsMode::WritableCopy => {
                 let copy = runtime_dir.rootfs_copy();
                 let (from, to) = (config.rootfs.clone(), copy.clone());
@@ -490,7 +492,7 @@ fn vmm_command(
         RootfsMode::Overlay => {
             command.arg("--rootfs-overlay").arg(dir.rootfs_overlay());
         }
-        RootfsMode::WritableCopy => {}
+        RootfsMode::WritableCopy | RootfsMode::Device => {}
     }
     if let Some(extra) = &config.cmdline_extra {
         command.arg("--append").arg(extra);
