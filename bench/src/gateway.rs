@@ -457,6 +457,7 @@ impl RunningGateway {
             resume_timeout: Duration::from_secs(1),
             route_ttl: Duration::from_secs(3600),
             dial_timeout: Duration::from_secs(10),
+            redis_route_events: None,
         };
         let control = Arc::new(StaticControl {
             route: Route {

@@ -56,6 +56,9 @@ pub struct GatewayConfig {
     pub route_ttl: Duration,
     /// Longest wait for a tunnel stream to open (the worker's answer included).
     pub dial_timeout: Duration,
+    /// Follow route changes on this Redis channel (every control instance publishes there)
+    /// instead of the one control's event stream.
+    pub redis_route_events: Option<crate::routes::redis_events::RedisRouteEvents>,
 }
 
 #[derive(Debug, Clone)]
@@ -199,7 +202,12 @@ pub fn build(
     server.add_service(background_service("tunnel bridge", bridge));
     server.add_service(background_service(
         "route sync",
-        RouteSync::new(control, routes.clone(), metrics.clone()),
+        match config.redis_route_events.clone() {
+            Some(redis) => {
+                RouteSync::new(control, routes.clone(), metrics.clone()).with_redis(redis)
+            }
+            None => RouteSync::new(control, routes.clone(), metrics.clone()),
+        },
     ));
     server.add_service(background_service("housekeeping", Housekeeping(limits)));
     Ok((

@@ -582,6 +582,50 @@ async fn a_moved_sandbox_is_followed_after_the_change_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_a_moved_sandbox_is_followed_after_the_published_change() {
+    const REDIS: &str = "redis://127.0.0.1:6379";
+    let channel = format!("roost-gw-test-{}:routes", std::process::id());
+    let events = roost_gateway::routes::redis_events::RedisRouteEvents::new(REDIS, &channel)
+        .expect("a Redis URL");
+    let r = rig_with(|config| config.redis_route_events = Some(events)).await;
+    let gw = r.gw.http_addr();
+    for _ in 0..2 {
+        assert_eq!(
+            get(&r.client, gw, &r.host(8080), "/hello").await.status,
+            200
+        );
+    }
+    assert_eq!(r.control.route_fetches.load(Ordering::SeqCst), 1, "cached");
+    // The sandbox moves; control's own stream is not followed, so only Redis can tell.
+    let other = control_http_backend().await;
+    r.dialer.expose("worker-2", SB, 8080, other);
+    r.control.set_route(running_route(SB, "worker-2"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = get(&r.client, gw, &r.host(8080), "/hello").await;
+    assert_eq!(
+        reply.text(),
+        "hello from the sandbox",
+        "still the cached route before anything is published"
+    );
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg(format!(r#"{{"sandbox_id":"{SB}","kind":"changed"}}"#))
+        .query_async(&mut publisher)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 1, "the gateway is subscribed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = get(&r.client, gw, &r.host(8080), "/hello").await;
+    assert_eq!(
+        reply.json()["service"],
+        "control",
+        "served by the new worker's backend after the Redis event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_are_served_on_their_own_listener() {
     let r = rig().await;
     get(&r.client, r.gw.http_addr(), &r.host(8080), "/hello").await;

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod control;
+pub mod redis_events;
 pub mod resolver;
 pub mod sync;
 

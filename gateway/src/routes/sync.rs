@@ -1,6 +1,7 @@
-//! Background service that keeps the route cache honest: it follows control's route event
-//! stream and drops the entry of every sandbox that changed. While the stream is down the
-//! cache is not trusted (every look-up asks control); it reconnects with backoff.
+//! Background service that keeps the route cache honest: it follows the route event stream —
+//! control's SSE stream, or Redis pub/sub when several control instances run — and drops the
+//! entry of every sandbox that changed. While the stream is down the cache is not trusted
+//! (every look-up asks control); it reconnects with backoff.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use pingora::services::background::BackgroundService;
 use roost_proto::ids::SandboxId;
 
 use super::cache::RouteCache;
+use super::redis_events::RedisRouteEvents;
 use super::{ControlApi, RouteEventKind};
 use crate::metrics::Metrics;
 use crate::report::error_chain;
@@ -20,6 +22,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub struct RouteSync {
     control: Arc<dyn ControlApi>,
+    /// Follow this Redis channel instead of control's own stream.
+    redis: Option<RedisRouteEvents>,
     cache: Arc<RouteCache>,
     metrics: Arc<Metrics>,
 }
@@ -38,17 +42,28 @@ impl RouteSync {
     ) -> Self {
         Self {
             control,
+            redis: None,
             cache,
             metrics,
         }
     }
 
+    /// Follows `events` (every control instance's changes) instead of control's stream.
+    pub fn with_redis(mut self, events: RedisRouteEvents) -> Self {
+        self.redis = Some(events);
+        self
+    }
+
     /// Follows the stream until it ends; returns whether it ever connected.
     async fn follow_once(&self) -> bool {
-        let mut events = match self.control.events().await {
+        let opened = match &self.redis {
+            Some(redis) => redis.events().await.map_err(|e| error_chain(&e)),
+            None => self.control.events().await.map_err(|e| error_chain(&e)),
+        };
+        let mut events = match opened {
             Ok(events) => events,
             Err(error) => {
-                tracing::warn!(error = %error_chain(&error), "route event stream unavailable; looking routes up uncached");
+                tracing::warn!(%error, "route event stream unavailable; looking routes up uncached");
                 return false;
             }
         };

@@ -381,6 +381,7 @@ pub fn base_config(control_addr: SocketAddr) -> GatewayConfig {
         resume_timeout: Duration::from_secs(5),
         route_ttl: Duration::from_secs(60),
         dial_timeout: Duration::from_secs(30),
+        redis_route_events: None,
     }
 }
 

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use roost_gateway::ratelimit::Limit;
 use roost_gateway::routes::control::HttpControl;
+use roost_gateway::routes::redis_events::RedisRouteEvents;
 use roost_gateway::server::{self, GatewayConfig, TlsListener};
 use roost_gateway::tunnel::{TunnelHub, TunnelHubConfig};
 
@@ -73,6 +74,13 @@ pub struct ServeGatewayArgs {
     /// Longest wait for a tunnel stream to a sandbox port to open.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     dial_timeout: Duration,
+    /// Follow route changes on Redis pub/sub (needed when several control instances run,
+    /// each started with the same `--redis-url`) instead of control's event stream.
+    #[arg(long, value_name = "URL", env = "ROOST_REDIS_URL")]
+    redis_url: Option<String>,
+    /// The Redis channel control publishes route changes on (its key prefix + `routes`).
+    #[arg(long, default_value = roost_gateway::routes::redis_events::DEFAULT_CHANNEL)]
+    redis_channel: String,
     /// After SIGTERM, how long listeners stay open while load balancers notice.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace_period: Duration,
@@ -141,6 +149,12 @@ pub fn run(args: ServeGatewayArgs) -> Result<i32> {
         resume_timeout: args.resume_timeout,
         route_ttl: Duration::from_secs(60),
         dial_timeout: args.dial_timeout,
+        redis_route_events: args
+            .redis_url
+            .as_deref()
+            .map(|url| RedisRouteEvents::new(url, args.redis_channel.clone()))
+            .transpose()
+            .context("--redis-url")?,
     };
 
     let tunnel = *args.tunnel;
