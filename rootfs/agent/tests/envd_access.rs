@@ -6,7 +6,7 @@ mod envd_support;
 use std::os::unix::fs::PermissionsExt;
 
 use envd_support::Agent;
-use envd_support::http::{basic, envelope, send};
+use envd_support::http::{basic, envelope, send, send_chunked};
 
 const UNARY: (&str, &str) = ("Content-Type", "application/json");
 const STREAM: (&str, &str) = ("Content-Type", "application/connect+json");
@@ -389,4 +389,31 @@ fn envd_files_errors_are_clear() {
         String::from_utf8_lossy(&bad_gzip.body)
     );
     assert_eq!(send(agent.addr, "GET", "/health", &[], b"").status, 204);
+}
+
+/// A refused upload is answered cleanly even while the client is still streaming its body
+/// (chunked, as the SDKs send files): envd reads and drops the rest instead of closing the
+/// connection on unread bytes, which makes the kernel reset it — the client's next write
+/// fails and the refusal can be lost before it is read.
+#[test]
+fn envd_refused_streamed_upload_is_answered_not_reset() {
+    let agent = Agent::start(0, &[]);
+    let chunk = vec![7u8; 64 << 10];
+    let chunks: Vec<&[u8]> = (0..20).map(|_| chunk.as_slice()).collect();
+    let reply = send_chunked(
+        agent.addr,
+        "/files?path=/root/roost-refused-upload.bin",
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Authorization", &basic("user")),
+        ],
+        &chunks,
+    );
+    assert!(
+        (400..500).contains(&reply.status),
+        "a 4xx refusal, got {} {}",
+        reply.status,
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(!std::path::Path::new("/root/roost-refused-upload.bin").exists());
 }

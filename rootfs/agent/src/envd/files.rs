@@ -175,11 +175,45 @@ pub async fn download(
     Ok(response)
 }
 
+/// The most of an upload's body that is still read (and discarded) after the handler stopped
+/// reading it, and for how long.
+const DRAIN_LIMIT: u64 = 64 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `request` with its body fed through a task that, once the handler stops reading (it
+/// refused the upload early: a permission error, a bad path), reads the rest and throws it
+/// away (up to [`DRAIN_LIMIT`] bytes within [`DRAIN_TIME`]). Without that the connection is
+/// closed with request bytes unread, the kernel answers them with a reset, and the reset can
+/// destroy the refusal before the client has read it.
+fn drained_after_use(request: Request) -> Request {
+    let (parts, body) = request.into_parts();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, axum::Error>>(8);
+    tokio::spawn(async move {
+        let mut body = body.into_data_stream();
+        while let Some(chunk) = body.next().await {
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+        let mut discarded = 0u64;
+        while discarded < DRAIN_LIMIT {
+            match tokio::time::timeout_at(deadline, body.next()).await {
+                Ok(Some(Ok(chunk))) => discarded += chunk.len() as u64,
+                Ok(Some(Err(_)) | None) | Err(_) => break,
+            }
+        }
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Request::from_parts(parts, Body::from_stream(stream))
+}
+
 pub async fn upload(
     State(envd): State<Arc<Envd>>,
     Query(query): Query<FileQuery>,
     request: Request,
 ) -> Result<Json<Vec<WriteInfo>>, HttpError> {
+    let request = drained_after_use(request);
     let account = authorize(&envd, request.headers(), &query, Operation::Write)?;
     let metadata = metadata::from_headers(request.headers())
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, format!("invalid metadata: {e}")))?;
