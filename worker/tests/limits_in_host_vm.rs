@@ -360,7 +360,7 @@ fn limits_in_host_vm() {
     let mut binaries = project_binaries(&binaries_dir().unwrap()).unwrap();
     binaries.push(me);
     let builder = HostVm::builder()
-        .timeout(Duration::from_secs(900))
+        .timeout(roost_hostvm::script::TEST_LIMIT)
         .binaries(binaries);
     let run = ScriptRun::run_probe(builder, PROBE_TEST)
         .expect("host VM run (needs release binaries and `roost images build`)");

@@ -11,6 +11,12 @@ use roost_images::{ArtefactIndex, Cache};
 
 use crate::{HostVm, HostVmError};
 
+/// The longest a host-VM test's run may take: below the CI runner's kill (600 s in
+/// `.ci/nextest.toml`), so that a hung run ends with the test's own report (the command's
+/// output so far and the console) instead of being killed silently. Every such test
+/// normally finishes in under 90 s here.
+pub const TEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(540);
+
 /// Errors before or while running a script.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {

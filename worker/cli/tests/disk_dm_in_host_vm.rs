@@ -10,8 +10,6 @@
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p
 //! roost-agent-client`) and the `kernel` and `rootfs-base` artefacts (`roost images build`).
 
-use std::time::Duration;
-
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 
@@ -164,7 +162,7 @@ result final-loops "$(our_loops | wc -l)"
 fn dm_disks_in_host_vm_boot_writable_persist_and_leave_nothing() {
     let run = ScriptRun::run(
         HostVm::builder()
-            .timeout(Duration::from_secs(1500))
+            .timeout(roost_hostvm::script::TEST_LIMIT)
             .mem_mib(2048),
         SCRIPT,
         &["kernel", "rootfs-base"],

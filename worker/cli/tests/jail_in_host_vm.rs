@@ -8,8 +8,6 @@
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p
 //! roost-agent-client`) and the `kernel` and `rootfs-base` artefacts (`roost images build`).
 
-use std::time::Duration;
-
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 
@@ -164,7 +162,7 @@ tail -5 /tmp/vm3.err | sed 's/^/VM3 /'
 #[test]
 fn jailer_in_host_vm() {
     let run = ScriptRun::run(
-        HostVm::builder().timeout(Duration::from_secs(600)),
+        HostVm::builder().timeout(roost_hostvm::script::TEST_LIMIT),
         SCRIPT,
         &["kernel", "rootfs-base"],
     )

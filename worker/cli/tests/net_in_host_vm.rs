@@ -180,7 +180,7 @@ fn net_in_host_vm_enforces_egress_policy_and_leaves_nothing() {
 
     let run = ScriptRun::run(
         HostVm::builder()
-            .timeout(Duration::from_secs(1800))
+            .timeout(roost_hostvm::script::TEST_LIMIT)
             .mem_mib(4096)
             .env("WEB_PORT", web_port.to_string())
             .env("DNS_PORT", dns_port.to_string()),

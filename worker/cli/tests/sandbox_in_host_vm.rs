@@ -7,8 +7,6 @@
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost`) and the `kernel`
 //! and `rootfs-base` artefacts (`roost images build`); without them it fails with a message.
 
-use std::time::Duration;
-
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 
@@ -106,7 +104,7 @@ for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
 fn sandbox_run_in_host_vm_runs_commands_and_frees_everything() {
     let run = ScriptRun::run(
         HostVm::builder()
-            .timeout(Duration::from_secs(1500))
+            .timeout(roost_hostvm::script::TEST_LIMIT)
             .mem_mib(4096),
         SCRIPT,
         &["kernel", "rootfs-base"],

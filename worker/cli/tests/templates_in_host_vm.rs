@@ -11,7 +11,6 @@
 //! and the `kernel` and `rootfs-base` artefacts (`roost images build`).
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
@@ -75,7 +74,7 @@ for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
 fn templates_in_host_vm_clones_get_their_own_identity() {
     let run = ScriptRun::run(
         HostVm::builder()
-            .timeout(Duration::from_secs(1500))
+            .timeout(roost_hostvm::script::TEST_LIMIT)
             .mem_mib(4096),
         SCRIPT,
         &["kernel", "rootfs-base"],

@@ -748,7 +748,7 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
     let vm = std::thread::spawn(move || {
         let run = ScriptRun::run(
             HostVm::builder()
-                .timeout(Duration::from_secs(2700))
+                .timeout(roost_hostvm::script::TEST_LIMIT)
                 .mem_mib(4096)
                 .env("API_PORT", api.port().to_string())
                 .env("SIGNAL_PORT", signal_port.to_string())

@@ -13,8 +13,6 @@
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p
 //! roost-agent-client`) and the `kernel` and `rootfs-base` artefacts (`roost images build`).
 
-use std::time::Duration;
-
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 
@@ -181,7 +179,7 @@ fn snapshot_restore_cycles_in_host_vm() {
     let script = SCRIPT.replace("__CYCLES__", &CYCLES.to_string());
     let run = ScriptRun::run(
         HostVm::builder()
-            .timeout(Duration::from_secs(1800))
+            .timeout(roost_hostvm::script::TEST_LIMIT)
             .mem_mib(4096),
         &script,
         &["kernel", "rootfs-base"],

@@ -173,7 +173,7 @@ fn vsock_in_host_vm_end_to_end() {
         roost.display()
     );
     let builder = HostVm::builder()
-        .timeout(Duration::from_secs(600))
+        .timeout(roost_hostvm::script::TEST_LIMIT)
         .binaries(vec![roost, me]);
     let run = ScriptRun::run_probe(builder, PROBE_TEST).expect("host VM run");
     let stdout = run.stdout.clone();
