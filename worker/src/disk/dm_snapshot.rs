@@ -18,7 +18,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use devicemapper::{DM, DevId, DmName, DmOptions};
+use devicemapper::{DM, DevId, Device, DmName, DmNameBuf, DmOptions};
 
 use super::DiskError;
 use super::loops::Loop;
@@ -238,14 +238,19 @@ fn table_and_status(dm: &DM, full_name: &str) -> Result<(String, String), DiskEr
     Ok((join(table), join(status)))
 }
 
-/// Every dm device named `roost-*`, by name.
-pub fn list() -> Result<Vec<DmDevice>, DiskError> {
-    let dm = dm()?;
-    let devices = dm.list_devices().map_err(|source| DiskError::Dm {
+/// Every dm device on the host (callers keep the `roost-*` ones).
+fn list_all(dm: &DM) -> Result<Vec<(DmNameBuf, Device, Option<u32>)>, DiskError> {
+    dm.list_devices().map_err(|source| DiskError::Dm {
         op: "list",
         name: format!("{NAME_PREFIX}*"),
         source,
-    })?;
+    })
+}
+
+/// Every dm device named `roost-*`, by name.
+pub fn list() -> Result<Vec<DmDevice>, DiskError> {
+    let dm = dm()?;
+    let devices = list_all(&dm)?;
     let mut out = Vec::new();
     for (name, devno, _) in devices {
         let name = name.to_string();
@@ -428,11 +433,7 @@ impl Drop for DmSnapshot {
 /// any VM runs.
 pub fn remove_stale() -> Result<Vec<(String, Vec<PathBuf>)>, DiskError> {
     let dm = dm()?;
-    let devices = dm.list_devices().map_err(|source| DiskError::Dm {
-        op: "list",
-        name: format!("{NAME_PREFIX}*"),
-        source,
-    })?;
+    let devices = list_all(&dm)?;
     let mut removed = Vec::new();
     for (name, _, _) in devices {
         let name = name.to_string();

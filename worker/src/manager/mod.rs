@@ -806,7 +806,7 @@ impl<B: VmBackend> SandboxManager<B> {
                 snapshot_id: snapshot_id.to_owned(),
                 sandbox_id: id.to_owned(),
                 template_id: shape.template_id.clone(),
-                size_bytes: allocated_bytes(&dir),
+                size_bytes: crate::template::allocated_bytes(&dir),
             };
             let path = entry.join(store::TEMPLATE_RECORD_FILE);
             store::write_json(&path, &record).map_err(io_error("write", &path))?;
@@ -984,20 +984,6 @@ fn remove_newer_generations(dir: &Path, keep: u64) {
             tracing::warn!(path = %entry.path().display(), "cannot remove a stale generation: {e}");
         }
     }
-}
-
-/// Bytes allocated under `dir` (memory files are sparse).
-fn allocated_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -281,7 +281,7 @@ async fn boot_and_snapshot(spec: &TemplateSpec, staging: &Path) -> Result<(), Te
 }
 
 /// Bytes allocated under `dir` (memory files are sparse).
-fn allocated_bytes(dir: &Path) -> u64 {
+pub(crate) fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .map(|entries| {
