@@ -59,6 +59,8 @@ done
 exec 3> "$CTL"
 read -r T1 _ < /proc/uptime
 echo "roost:init $T0 $T1" >&3
+# Signs of life for the host, which kills a host VM that falls silent (see protocol.rs).
+( while sleep @HEARTBEAT_SECS@; do echo roost:alive >&3 || exit 0; done ) &
 
 stage modules
 wait $MODPROBE || fail modules "$(tr '\n' ' ' < /tmp/modprobe.err)"

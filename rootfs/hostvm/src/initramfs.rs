@@ -54,6 +54,7 @@ pub fn init_script() -> String {
         .replace("@EARLY_MODULES@", &modules::EARLY.join(" "))
         .replace("@MODULES@", &modules::EAGER.join(" "))
         .replace("@CONTROL_PORT@", protocol::CONTROL_PORT)
+        .replace("@HEARTBEAT_SECS@", &protocol::HEARTBEAT_SECS.to_string())
         .replace("@STDOUT_PORT@", protocol::STDOUT_PORT)
         .replace("@STDERR_PORT@", protocol::STDERR_PORT)
 }

@@ -18,6 +18,13 @@
 //! virtio disks. The command's stdout and stderr travel on their own virtio-serial ports, and
 //! `/init` reports progress and the exit status on a third ([`protocol`]), so kernel console
 //! noise never mixes into the command's output.
+//!
+//! TCG is not a perfect machine: now and then a vCPU hangs during kernel start-up (the boot is
+//! retried: [`HostVmError::BootHang`]), and now and then the whole host VM wedges while nested
+//! guests run (soft lockups of both vCPUs, or plain silence). `/init` therefore sends a
+//! heartbeat, and a host VM that falls silent for a minute is killed
+//! ([`HostVmError::Unresponsive`]) instead of holding the caller until its overall timeout;
+//! test scripts ([`script`]) then run again in a fresh host VM.
 
 pub mod cpio;
 pub mod forward;
@@ -106,6 +113,18 @@ pub enum HostVmError {
         stage: String,
         /// The tail of what the command printed before the timeout (with
         /// [`HostVm::capture_output`]; otherwise it went to this process's stdout already).
+        output: String,
+        console: String,
+    },
+    /// `/init` stopped sending its heartbeat ([`protocol::HEARTBEAT_SECS`]): the host VM's
+    /// kernel is wedged, which TCG does now and then (soft lockups of both vCPUs, seen while
+    /// nested guests run). Nothing inside the host VM can be trusted to finish; a fresh run can.
+    #[error(
+        "the host VM fell silent for {silent_for:?} (no heartbeat from its /init, last stage: {stage}); QEMU was killed\n--- command output so far (last lines; captured runs only) ---\n{output}\n--- host VM console (last lines) ---\n{console}"
+    )]
+    Unresponsive {
+        silent_for: Duration,
+        stage: String,
         output: String,
         console: String,
     },

@@ -10,7 +10,15 @@
 //! roost:fail <stage> <message...>                     (setup failed; CMD will not run)
 //! roost:ready <uptime>                                (CMD starts now)
 //! roost:exit <code>                                   (CMD exited with this status)
+//! roost:alive                                         (every HEARTBEAT_SECS while /init lives)
 //! ```
+//!
+//! The heartbeat exists because the TCG host VM itself sometimes wedges (both vCPUs stuck in
+//! the kernel, seen with nested guests running): without it such a run looks like a slow
+//! command until the overall timeout.
+
+/// Seconds between two `roost:alive` lines from `/init`.
+pub const HEARTBEAT_SECS: u64 = 5;
 
 /// Name of the virtio-serial port carrying control lines.
 pub const CONTROL_PORT: &str = "roost.control";
@@ -35,6 +43,7 @@ pub enum Control {
         uptime: f64,
     },
     Exit(i32),
+    Alive,
 }
 
 /// Parses one control line; `None` for anything that is not a well-formed message.
@@ -73,6 +82,7 @@ pub fn parse(line: &str) -> Option<Control> {
             .ok()
             .filter(|c| (0..=255).contains(c))
             .map(Control::Exit),
+        "alive" if args.is_empty() => Some(Control::Alive),
         _ => None,
     }
 }
@@ -107,6 +117,8 @@ mod tests {
         );
         assert_eq!(parse("roost:exit 7"), Some(Control::Exit(7)));
         assert_eq!(parse("roost:exit 0\r\n"), Some(Control::Exit(0)));
+        assert_eq!(parse("roost:alive"), Some(Control::Alive));
+        assert_eq!(parse("roost:alive now"), None);
     }
 
     #[test]

@@ -17,8 +17,10 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Kernel command line of the host VM. `mitigations=off`: this is a test rig, and TCG pays for
 /// every mitigation in emulated instructions. `cryptomgr.notests`: a vCPU once hung for good in
 /// the crypto self-tests under TCG (soft lockups in `cryptomgr_test`), and they cost boot time.
+/// `loglevel=5` (quiet, but with warnings): a soft lockup's stack trace is a warning, and it is
+/// the one clue to why a host VM wedged (see [`crate::HostVmError::Unresponsive`]).
 pub const HOST_VM_APPEND: &str =
-    "console=ttyS0 panic=-1 rdinit=/init quiet mitigations=off cryptomgr.notests";
+    "console=ttyS0 panic=-1 rdinit=/init loglevel=5 mitigations=off cryptomgr.notests";
 
 /// The paths of one run's QEMU endpoints.
 #[derive(Debug, Clone)]

@@ -17,6 +17,11 @@ use crate::{HostVm, HostVmError};
 /// normally finishes in under 90 s here.
 pub const TEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(540);
 
+/// How often a script runs again in a fresh host VM when the host VM wedges (TCG hangs a vCPU
+/// now and then; the run is reported as [`HostVmError::Unresponsive`] a minute later). Scripts
+/// start from a fresh host VM each time, so running one again is safe.
+pub const WEDGE_RETRIES: u32 = 2;
+
 /// Errors before or while running a script.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
@@ -40,6 +45,8 @@ pub struct ScriptRun {
     pub stdout: String,
     pub stderr: String,
     pub exit_code: i32,
+    /// Runs abandoned because the host VM wedged before this one completed.
+    pub wedged_runs: u32,
     results: BTreeMap<String, String>,
 }
 
@@ -56,12 +63,11 @@ impl ScriptRun {
                     source,
                 })?;
         }
-        let outcome = builder.capture_output().run(["sh", "-c", script])?;
-        Ok(Self::from_output(
-            String::from_utf8_lossy(&outcome.stdout).into_owned(),
-            String::from_utf8_lossy(&outcome.stderr).into_owned(),
-            outcome.exit_code,
-        ))
+        let outcome = builder
+            .capture_output()
+            .retries_when_wedged(WEDGE_RETRIES)
+            .run(["sh", "-c", script])?;
+        Ok(Self::from_outcome(&outcome))
     }
 
     /// Runs the test `test` (an `#[ignore]`d probe) of the calling test executable inside the
@@ -74,18 +80,28 @@ impl ScriptRun {
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let outcome = builder.capture_output().run([
-            name.as_str(),
-            "--exact",
-            test,
-            "--ignored",
-            "--nocapture",
-        ])?;
-        Ok(Self::from_output(
-            String::from_utf8_lossy(&outcome.stdout).into_owned(),
-            String::from_utf8_lossy(&outcome.stderr).into_owned(),
-            outcome.exit_code,
-        ))
+        let outcome = builder
+            .capture_output()
+            .retries_when_wedged(WEDGE_RETRIES)
+            .run([name.as_str(), "--exact", test, "--ignored", "--nocapture"])?;
+        Ok(Self::from_outcome(&outcome))
+    }
+
+    fn from_outcome(outcome: &crate::RunOutcome) -> Self {
+        if outcome.wedged_runs > 0 {
+            eprintln!(
+                "note: the host VM wedged {} time(s) and the script ran again in a fresh one",
+                outcome.wedged_runs
+            );
+        }
+        Self {
+            wedged_runs: outcome.wedged_runs,
+            ..Self::from_output(
+                String::from_utf8_lossy(&outcome.stdout).into_owned(),
+                String::from_utf8_lossy(&outcome.stderr).into_owned(),
+                outcome.exit_code,
+            )
+        }
     }
 
     /// Parses output already captured.
@@ -100,6 +116,7 @@ impl ScriptRun {
             stdout,
             stderr,
             exit_code,
+            wedged_runs: 0,
             results,
         }
     }
@@ -128,8 +145,8 @@ impl ScriptRun {
     /// Both streams, for assertion messages.
     pub fn transcript(&self) -> String {
         format!(
-            "exit code {}\nstdout:\n{}\nstderr:\n{}",
-            self.exit_code, self.stdout, self.stderr
+            "exit code {} (after {} run(s) lost to a wedged host VM)\nstdout:\n{}\nstderr:\n{}",
+            self.exit_code, self.wedged_runs, self.stdout, self.stderr
         )
     }
 }

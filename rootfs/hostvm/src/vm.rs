@@ -32,10 +32,13 @@ pub const IMAGE_NAMES: &[&str] = &["rootfs-base", "rootfs-code-interpreter"];
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
 /// How long the host VM may take to power off after the command exited.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
+/// How long `/init` may go without a heartbeat (it sends one every
+/// [`protocol::HEARTBEAT_SECS`]) before the host VM counts as wedged.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// How many times a boot that hangs before `/init` is tried.
 const BOOT_ATTEMPTS: u32 = 2;
 /// Console lines quoted in errors.
-const CONSOLE_TAIL: usize = 40;
+const CONSOLE_TAIL: usize = 80;
 /// Lines of captured command output kept in a timeout error.
 const OUTPUT_TAIL: usize = 60;
 
@@ -114,6 +117,9 @@ pub struct RunOutcome {
     pub stderr: Vec<u8>,
     /// Index names of the artefacts made available inside.
     pub attached: Vec<String>,
+    /// How many earlier runs were killed because the host VM wedged
+    /// ([`HostVm::retries_when_wedged`]).
+    pub wedged_runs: u32,
 }
 
 /// Which of the project's binaries to copy in.
@@ -143,6 +149,7 @@ pub struct HostVm {
     progress: Progress,
     cancel: Option<Arc<AtomicBool>>,
     on_event: Option<EventSink>,
+    wedge_retries: u32,
 }
 
 struct EventSink(Box<dyn FnMut(&Event) + Send>);
@@ -173,6 +180,7 @@ impl HostVm {
             progress: Progress::silent(),
             cancel: None,
             on_event: None,
+            wedge_retries: 0,
         }
     }
 
@@ -212,6 +220,15 @@ impl HostVm {
 
     pub fn output(mut self, output: Output) -> Self {
         self.output = output;
+        self
+    }
+
+    /// Runs the command again in a fresh host VM, up to `retries` times, when the host VM
+    /// wedges ([`HostVmError::Unresponsive`]) — within the same overall timeout. Only for
+    /// captured output (a streamed run's lines are already out) and for commands that may
+    /// safely run twice, such as test scripts.
+    pub fn retries_when_wedged(mut self, retries: u32) -> Self {
+        self.wedge_retries = retries;
         self
     }
 
@@ -336,19 +353,34 @@ impl HostVm {
             images: &images,
             endpoints: &endpoints,
         });
+        let wedge_retries = match self.output {
+            Output::Capture => self.wedge_retries,
+            Output::Inherit | Output::Lines(_) => 0,
+        };
+        let deadline = Instant::now() + self.timeout;
         let mut session = Session::new(self, endpoints, work.path().join("qemu.log"));
-        let mut attempt = 1;
+        let (mut boot_attempt, mut wedged_runs) = (1, 0);
         loop {
-            match session.run(&args, started) {
-                Err(HostVmError::BootHang { waited, .. }) if attempt < BOOT_ATTEMPTS => {
+            match session.run(&args, started, deadline) {
+                Err(HostVmError::BootHang { waited, .. }) if boot_attempt < BOOT_ATTEMPTS => {
                     tracing::warn!(
                         "the host VM kernel hung during boot ({waited:?} without /init); retrying"
                     );
-                    attempt += 1;
+                    boot_attempt += 1;
+                }
+                Err(HostVmError::Unresponsive {
+                    silent_for, stage, ..
+                }) if wedged_runs < wedge_retries => {
+                    tracing::warn!(
+                        "the host VM fell silent for {silent_for:?} at `{stage}`; running the command again in a fresh one"
+                    );
+                    wedged_runs += 1;
+                    session.discard_captured();
                 }
                 result => {
                     return result.map(|outcome| RunOutcome {
                         attached,
+                        wedged_runs,
                         ..outcome
                     });
                 }
@@ -429,6 +461,19 @@ struct Progressed {
     ready_at: Option<Instant>,
     exit: Option<(i32, Instant)>,
     failed: Option<(String, String)>,
+    /// When `/init` last said anything on the control port.
+    heard_at: Option<Instant>,
+}
+
+impl Progressed {
+    /// How long `/init` has been silent, while silence means a wedged host VM: after it first
+    /// spoke and until the command exited (then the VM powers off, with its own grace).
+    fn silence(&self, now: Instant) -> Option<Duration> {
+        match (self.heard_at, self.exit, &self.failed) {
+            (Some(heard_at), None, None) => Some(now.saturating_duration_since(heard_at)),
+            _ => None,
+        }
+    }
 }
 
 impl Session {
@@ -479,10 +524,18 @@ impl Session {
         lines[lines.len().saturating_sub(OUTPUT_TAIL)..].join("\n")
     }
 
+    /// Forgets what an abandoned run printed.
+    fn discard_captured(&self) {
+        let mut buffers = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+        buffers.0.clear();
+        buffers.1.clear();
+    }
+
     fn run(
         &mut self,
         args: &[std::ffi::OsString],
         started: Instant,
+        deadline: Instant,
     ) -> Result<RunOutcome, HostVmError> {
         let qemu_started = Instant::now();
         let mut qemu = QemuProcess::spawn(args, &self.qemu_log).map_err(HostVmError::QemuSpawn)?;
@@ -517,7 +570,6 @@ impl Session {
             let _ = tx.send(Message::ControlClosed);
         });
 
-        let deadline = qemu_started + self.vm.timeout;
         let mut state = Progressed {
             stage: "boot".to_owned(),
             ..Progressed::default()
@@ -544,6 +596,17 @@ impl Session {
                 return Err(HostVmError::Cancelled);
             }
             let now = Instant::now();
+            if let Some(silent_for) = state.silence(now)
+                && silent_for >= SILENCE_LIMIT
+            {
+                let _ = qemu.kill();
+                return Err(HostVmError::Unresponsive {
+                    silent_for,
+                    stage: state.stage.clone(),
+                    output: self.captured_tail(),
+                    console: tail(&self.endpoints.console_log, CONSOLE_TAIL),
+                });
+            }
             if state.boot.is_none() && now >= qemu_started + self.vm.boot_timeout {
                 let _ = qemu.kill();
                 return Err(HostVmError::BootHang {
@@ -614,12 +677,15 @@ impl Session {
             stdout,
             stderr,
             attached: Vec::new(),
+            wedged_runs: 0,
         })
     }
 
     fn handle(&mut self, message: Control, state: &mut Progressed, qemu_started: Instant) {
         let since_start = qemu_started.elapsed();
+        state.heard_at = Some(Instant::now());
         let event = match message {
+            Control::Alive => None,
             Control::Init {
                 uptime_at_init,
                 uptime_now,
@@ -759,6 +825,29 @@ mod tests {
         std::fs::write(&path, "").unwrap();
         assert_eq!(tail(&path, 2), "(empty)");
         assert!(tail(&dir.path().join("none"), 2).starts_with("(cannot read"));
+    }
+
+    #[test]
+    fn silence_counts_from_the_last_control_line_until_the_command_ends() {
+        let start = Instant::now();
+        let later = start + Duration::from_secs(61);
+        let mut state = Progressed::default();
+        assert_eq!(
+            state.silence(later),
+            None,
+            "nothing heard yet: the boot timeout applies"
+        );
+        state.heard_at = Some(start);
+        assert_eq!(state.silence(later), Some(Duration::from_secs(61)));
+        state.exit = Some((0, start));
+        assert_eq!(
+            state.silence(later),
+            None,
+            "after the exit the power-off grace applies"
+        );
+        state.exit = None;
+        state.failed = Some(("kvm".into(), "no /dev/kvm".into()));
+        assert_eq!(state.silence(later), None);
     }
 
     #[test]

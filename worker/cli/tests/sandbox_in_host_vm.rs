@@ -13,7 +13,7 @@ use roost_hostvm::script::ScriptRun;
 const SCRIPT: &str = r#"
 result() { echo "RESULT $1 $2"; }
 RT=/tmp/rt
-SB="timeout 300 roost sandbox run --runtime-root $RT --ready-timeout 240"
+SB="timeout 150 roost sandbox run --runtime-root $RT --ready-timeout 120"
 # Processes that are a roost VMM or sandbox CLI (argv: .../roost vm|sandbox run ...).
 roost_procs() {
   for d in /proc/[0-9]*; do

@@ -55,8 +55,8 @@ try:
     print('OPEN yes')
 except Exception as e:
     print('OPEN', getattr(e, 'code', e))"
-  ROOST_SANDBOX_ACCESS_TOKEN=tok-$i timeout 300 roost sandbox run --runtime-root $RT \
-      --ready-timeout 240 --template base --id clone-$i --env SANDBOX_NO=$i \
+  ROOST_SANDBOX_ACCESS_TOKEN=tok-$i timeout 120 roost sandbox run --runtime-root $RT \
+      --ready-timeout 90 --template base --id clone-$i --env SANDBOX_NO=$i \
       -- python3 -c "$PY" > /tmp/clone-$i.out 2>/tmp/clone-$i.err
   result clone-$i-exit $?
   result clone-$i-hosttime "$(date +%s)"

@@ -6,9 +6,10 @@
 //! sandbox, see it running (state and a metrics sample from its VMM), pause, resume, pause,
 //! resume, create a second one, kill the first; then the script kills the worker with SIGKILL
 //! (the second VM must die with it) and restarts it (credentials reused, the stale runtime
-//! directory and cgroup removed); a third sandbox is created on it, and SIGTERM must stop that
-//! VM and leave nothing in the runtime root, no VMM process and no sandbox cgroup (the worker
-//! runs with `--cgroup-parent`).
+//! directory and cgroup removed) with a warm pool of one clone (`--pool 1`, watched through
+//! its `--metrics-addr`); a third sandbox created on it must be a pool hit, the pool must
+//! refill, and SIGTERM must stop both VMs and leave nothing in the runtime root, no VMM process
+//! and no sandbox cgroup (the worker runs with `--cgroup-parent`).
 //! A `roost serve gateway` on this machine takes the worker's tunnel (`--gateway`): envd's
 //! `/envs` in the sandbox is read through it (`49983-<id>.roost.test`) after the create and
 //! after a resume, and a request to the paused sandbox resumes it (the gateway's auto-resume).
@@ -18,7 +19,9 @@
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p roost-agent`)
 //! and the `kernel` and `rootfs-base` artefacts (`roost images build`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,10 +31,11 @@ use std::time::{Duration, Instant};
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 use serde_json::{Value, json};
+use support::{
+    ADMIN_EMAIL, ADMIN_PASSWORD, ROOST, admin_token, bearer, control_command, http, http_host,
+    start_control,
+};
 
-const ROOST: &str = env!("CARGO_BIN_EXE_roost");
-const ADMIN_EMAIL: &str = "ops@example.com";
-const ADMIN_PASSWORD: &str = "correct-horse-battery";
 const DOMAIN: &str = "roost.test";
 const INTERNAL_TOKEN: &str = "worker-host-vm-internal-token-0123456789";
 /// Template build plus worker start inside the host VM.
@@ -53,11 +57,16 @@ roost_procs() {
 roost templates build --image base --runtime-root /tmp/build-rt --ready-timeout 240 \
     > /tmp/build.out 2>/tmp/build.err
 result build $?
-worker() {
+worker() { # N [ARGS...]
+  n=$1; shift
   RUST_LOG=info,roost_worker=debug roost serve worker --control-url http://10.0.2.2:$API_PORT \
       --data-dir $WD --runtime-root $RT --template base --ready-timeout 240 --max-backoff 5s \
       --gateway 10.0.2.2:$TUNNEL_PORT --gateway-ca /tmp/gateway-ca.pem \
-      --cgroup-parent roost-worker > /tmp/worker$1.out 2>/tmp/worker$1.err &
+      --cgroup-parent roost-worker "$@" > /tmp/worker$n.out 2>/tmp/worker$n.err &
+}
+metric() { # NAME: its value for the base template's pool on the restarted worker
+  wget -q -O - http://127.0.0.1:9464/metrics 2>/dev/null \
+    | sed -n "s/^$1{template=\"base\"} //p"
 }
 worker 1
 W=$!
@@ -80,19 +89,28 @@ wait $W 2>/dev/null
 sleep 1
 result crash-vmms "$(roost_procs | wc -l)"
 result crash-leftover "$(find $RT -mindepth 1 -maxdepth 1 | wc -l)"
-worker 2
+# The restarted worker keeps one warm clone: the next create takes it (a pool hit), a
+# background restore refills the pool, and SIGTERM must free both VMs.
+worker 2 --pool 1 --pool-memory-mib 512 --metrics-addr 127.0.0.1:9464
 W=$!
 i=0
-until grep -q 'joined control' /tmp/worker2.out; do
+until grep -q 'joined control' /tmp/worker2.out && [ "$(metric roost_pool_ready_clones)" = 1 ]; do
   i=$((i+1))
-  if [ $i -gt 120 ]; then result rejoined timeout; break; fi
+  if [ $i -gt 240 ]; then result rejoined timeout; break; fi
   sleep 1
 done
-result restart-leftover "$(find $RT -mindepth 1 | wc -l)"
+# The warm clone's directory (pool-*) is new; anything else is the killed worker's.
+result restart-leftover "$(find $RT -mindepth 1 -maxdepth 1 ! -name 'pool-*' | wc -l)"
 result restart-cgroups "$(ls -d /sys/fs/cgroup/roost-worker/cl-* 2>/dev/null | wc -l)"
 result restart-registered "$(grep -c 'registered as' /tmp/worker2.out)"
 wget -q -O - http://10.0.2.2:$SIGNAL_PORT/rejoined > /dev/null 2>&1
 await done
+result pool-hits "$(metric roost_pool_hits_total)"
+i=0
+until [ "$(metric roost_pool_ready_clones)" = 1 ]; do
+  i=$((i+1)); [ $i -gt 240 ] && break; sleep 1
+done
+result pool-refilled "$(metric roost_pool_ready_clones)"
 result running-vmms-2 "$(roost_procs | wc -l)"
 kill -TERM $W
 i=0
@@ -116,152 +134,6 @@ sed 's/^/WORKER-ERR /' /tmp/worker1.err | tail -n 200
 sed 's/^/WORKER2-ERR /' /tmp/worker2.err | tail -n 60
 sed 's/^/BUILD-ERR /' /tmp/build.err | tail -n 40
 "#;
-
-/// A running `roost serve control`.
-struct Control {
-    child: Child,
-    api: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Control {
-    fn start(data_dir: &std::path::Path, channel_port: u16) -> Self {
-        let mut child = Command::new(ROOST)
-            .args(["serve", "control", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--channel-listen", &format!("127.0.0.1:{channel_port}")])
-            .args(["--channel-public-addr", &format!("10.0.2.2:{channel_port}")])
-            .args(["--heartbeat-interval", "1s", "--host-lost-after", "60s"])
-            .args(["--bootstrap-admin", ADMIN_EMAIL])
-            .args(["--internal-token", INTERNAL_TOKEN])
-            .env("ROOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("RUST_LOG", "info")
-            .env_remove("ROOST_DATABASE_URL")
-            .env_remove("ROOST_REDIS_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn roost serve control");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200))
-                && let Some(rest) = line.strip_prefix("roost control: REST API on http://")
-            {
-                let api = rest.split(',').next().unwrap().parse().unwrap();
-                return Self { child, api, stderr };
-            }
-            if child.try_wait().unwrap().is_some() || Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!(
-                    "roost serve control did not start; stderr:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 exchange (`Connection: close`): status and JSON body (Null if none).
-fn http(
-    api: SocketAddr,
-    method: &str,
-    path: &str,
-    auth: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    http_host(api, &api.to_string(), method, path, auth, body)
-}
-
-/// [`http`] with another `Host` header (the gateway routes on it).
-fn http_host(
-    api: SocketAddr,
-    host: &str,
-    method: &str,
-    path: &str,
-    auth: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut stream = TcpStream::connect(api).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n{auth}\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn bearer(token: &str) -> String {
-    format!("authorization: Bearer {token}\r\n")
-}
 
 fn api_key(key: &str) -> String {
     format!("x-api-key: {key}\r\n")
@@ -696,21 +568,18 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
         .local_addr()
         .unwrap()
         .port();
-    let control = Control::start(data.path(), channel_port);
-    let api = control.api;
-    let (status, login) = http(
-        api,
-        "POST",
-        "/v1/auth/login",
-        "",
-        Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
+    let (control, api) = start_control(
+        control_command(data.path(), channel_port)
+            .args(["--channel-public-addr", &format!("10.0.2.2:{channel_port}")])
+            .args(["--heartbeat-interval", "1s", "--host-lost-after", "60s"])
+            .args(["--internal-token", INTERNAL_TOKEN])
+            .env("RUST_LOG", "info"),
     );
-    assert_eq!(status, 200, "{login}");
     let (status, token) = http(
         api,
         "POST",
         "/v1/admin/workers/registration-tokens",
-        &bearer(login["token"].as_str().unwrap()),
+        &bearer(&admin_token(api)),
         Some(json!({"name": "host-vm", "ttlSecs": 3600})),
     );
     assert_eq!(status, 201, "{token}");
@@ -822,9 +691,15 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
         "a restart reuses the credentials; {all}"
     );
     assert_eq!(
-        get("running-vmms-2"),
+        get("pool-hits"),
         "1",
-        "a sandbox runs on the restarted worker before SIGTERM; {all}"
+        "the create on the restarted worker took its warm clone; {all}"
+    );
+    assert_eq!(get("pool-refilled"), "1", "the pool refills; {all}");
+    assert_eq!(
+        get("running-vmms-2"),
+        "2",
+        "a sandbox and the refilled warm clone run on the restarted worker before SIGTERM; {all}"
     );
     assert_eq!(get("worker-exit"), "0", "SIGTERM stops the worker; {all}");
     assert_eq!(

@@ -1,6 +1,7 @@
-//! [`SandboxSplicer`]: the gateway tunnel's way into the manager's running sandboxes. Like
-//! [`crate::tunnel::VmSplicer`] it opens a stream through the agent's port forward, but it is
-//! fed by the manager ([`Routes`]) and rides out the moments right after a restore (create or
+//! [`SandboxSplicer`]: the gateway tunnel's way into the manager's running sandboxes. It opens
+//! a stream through the in-guest agent's port forward (`VmHandle::forward_port`, a vsock
+//! connection the agent joins to `127.0.0.1:PORT` inside the guest). It is fed by the manager
+//! ([`Routes`]) and rides out the moments right after a restore (create or
 //! resume) when the guest is still settling its vsock transport reset: a forward whose
 //! connection to the agent fails (no answer, handshake or connection closed) is retried for a
 //! short bounded time before the gateway gets its error. Refusals by the agent are final.
@@ -118,8 +119,8 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The tunnel's view of a failed forward (as [`crate::tunnel::VmSplicer`] reports it): the
-/// agent's "connection refused" means the port is closed.
+/// The tunnel's view of a failed forward: the agent's "connection refused" means the port is
+/// closed; everything else is reported with its reason.
 fn classify(error: &VmError) -> SpliceError {
     match error {
         VmError::Agent(agent) if agent.agent_kind() == Some(ErrorKind::ConnectionRefused) => {
@@ -141,7 +142,140 @@ fn classify(error: &VmError) -> SpliceError {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use futures::{SinkExt, StreamExt};
+    use roost_proto::agent::{
+        AgentMessage, ErrorReply, ForwardRequest, Frame, FrameCodec, Hello, Operation,
+        PROTOCOL_VERSION, Request,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream, UnixListener};
+    use tokio_util::codec::{Framed, FramedWrite};
+
     use super::*;
+    use crate::vm_handle::VmHandleConfig;
+
+    /// A VM whose "VMM" is `sleep` and whose agent the test plays: it announces itself, and
+    /// answers forwards on the vsock socket as the real muxer + agent do (`CONNECT` line,
+    /// forward request, `Connected` or "connection refused", then raw bytes to a local port).
+    async fn fake_vm_forwarding_to(root: &Path, open_port: u16) -> VmHandle {
+        let vmm = root.join("roost");
+        std::fs::write(&vmm, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(root.join("vmlinux"), b"elf").unwrap();
+        std::fs::write(root.join("rootfs.ext4"), b"ext4").unwrap();
+        let runtime = root.join("vm");
+        let mut config =
+            VmHandleConfig::new(root.join("vmlinux"), root.join("rootfs.ext4"), &runtime);
+        config.vmm_binary = vmm;
+        config.ready_timeout = Duration::from_secs(20);
+        let announcer = tokio::spawn(async move {
+            let path = runtime.join("vsock.sock_1024");
+            let stream = loop {
+                if let Ok(stream) = tokio::net::UnixStream::connect(&path).await {
+                    break stream;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let hello = Hello {
+                protocol_version: PROTOCOL_VERSION,
+                min_protocol_version: PROTOCOL_VERSION,
+                agent_version: "test".into(),
+                hostname: "fake".into(),
+            };
+            FramedWrite::new(stream, FrameCodec::<AgentMessage>::new())
+                .send(Frame::Message(AgentMessage::Hello(hello)))
+                .await
+                .unwrap();
+        });
+        let vm = VmHandle::boot(config).await.unwrap();
+        announcer.await.unwrap();
+        let muxer = UnixListener::bind(vm.runtime_dir().join("vsock.sock")).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = muxer.accept().await.unwrap();
+                tokio::spawn(play_agent(stream, open_port));
+            }
+        });
+        vm
+    }
+
+    async fn play_agent(mut stream: tokio::net::UnixStream, open_port: u16) {
+        let mut line = Vec::new();
+        while line.last() != Some(&b'\n') {
+            line.push(stream.read_u8().await.unwrap());
+        }
+        assert_eq!(line, b"CONNECT 1025\n");
+        stream.write_all(b"OK 1073741824\n").await.unwrap();
+        let mut framed = Framed::new(stream, FrameCodec::<Request>::new());
+        let Some(Ok(Frame::Message(Request {
+            op: Operation::Forward(ForwardRequest::Tcp { port }),
+            ..
+        }))) = framed.next().await
+        else {
+            panic!("expected a forward request");
+        };
+        if port != open_port {
+            let refused = ErrorReply::new(ErrorKind::ConnectionRefused, "connection refused");
+            let _ = framed
+                .send(Frame::Message(AgentMessage::Error(refused)))
+                .await;
+            return;
+        }
+        framed
+            .send(Frame::Message(AgentMessage::Connected))
+            .await
+            .unwrap();
+        let parts = framed.into_parts();
+        assert!(parts.read_buf.is_empty());
+        let mut host = parts.io;
+        let mut guest = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut host, &mut guest).await;
+    }
+
+    #[tokio::test]
+    async fn streams_reach_a_port_in_the_vm_through_the_agent_forward() {
+        let root = tempfile::tempdir().unwrap();
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = echo.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let vm = Arc::new(fake_vm_forwarding_to(root.path(), port).await);
+        let splicer = SandboxSplicer::new();
+        let id: SandboxId = "cl-vm1".parse().unwrap();
+        splicer.up(id.as_str(), vm.clone());
+
+        let mut stream = splicer.open(&id, port).await.unwrap();
+        stream.write_all(b"through the agent").await.unwrap();
+        let mut back = [0u8; 17];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"through the agent");
+
+        assert_eq!(
+            splicer
+                .open(&id, port.wrapping_add(1).max(1))
+                .await
+                .unwrap_err(),
+            SpliceError::PortClosed
+        );
+        splicer.down(id.as_str());
+        assert_eq!(
+            splicer.open(&id, port).await.unwrap_err(),
+            SpliceError::SandboxNotFound
+        );
+        drop(stream);
+        let vm = Arc::try_unwrap(vm).unwrap();
+        vm.kill();
+    }
 
     #[tokio::test]
     async fn unknown_sandboxes_are_not_found_and_routes_come_and_go() {
@@ -169,5 +303,14 @@ mod tests {
             matches!(classify(&closed), SpliceError::Failed(m) if m.contains("before the reply"))
         );
         assert!(!no_agent_yet(&VmError::NoControlApi));
+        let io = VmError::Agent(AgentError::Agent(ErrorReply {
+            kind: ErrorKind::Io,
+            message: "nothing there".into(),
+        }));
+        assert!(!no_agent_yet(&io));
+        assert_eq!(
+            classify(&io),
+            SpliceError::Failed("the sandbox's agent refused: nothing there".into())
+        );
     }
 }

@@ -4,15 +4,13 @@
 //!
 //! The worker dials out, so it needs no inbound port. The header ([`roost_proto::tunnel`]) is
 //! only a request: a [`Splicer`] looks the sandbox up in this worker's own table and answers
-//! "not found" for anything else. [`VmSplicer`] reaches a port inside a microVM through the
-//! agent's vsock port forward; [`TcpSplicer`] reaches sandboxes by IP (and local servers in
-//! tests). See `docs/tunnel.md`.
+//! "not found" for anything else. The worker's sandboxes are reached through
+//! `manager::SandboxSplicer` (the agent's vsock port forward); [`TcpSplicer`] reaches servers
+//! by address (local servers in tests). See `docs/tunnel.md`.
 
 mod client;
 mod splicer;
 mod stream;
-mod vm_splicer;
 
 pub use client::{ClientError, GatewayTarget, TunnelClient, TunnelClientConfig};
 pub use splicer::{SpliceError, Splicer, TcpSplicer};
-pub use vm_splicer::VmSplicer;

@@ -1,0 +1,255 @@
+//! What the CLI's integration tests that start real `roost serve ...` processes share: a child
+//! process whose output is collected, a `roost serve control` on a temporary SQLite data
+//! directory with a bootstrap admin, and a minimal blocking HTTP/1.1 client (the tests speak to
+//! control and the gateway over plain HTTP, one request per connection).
+//!
+//! Each test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const ROOST: &str = env!("CARGO_BIN_EXE_roost");
+pub const ADMIN_EMAIL: &str = "ops@example.com";
+pub const ADMIN_PASSWORD: &str = "correct-horse-battery";
+/// How long a process may take to print an expected line or to exit after SIGTERM.
+pub const WAIT: Duration = Duration::from_secs(90);
+/// What `roost serve control` prints once its REST API listens.
+const CONTROL_READY: &str = "roost control: REST API on http://";
+
+/// A child `roost` process with its stdout lines and stderr text; killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    lines: Receiver<String>,
+    /// The stdout lines read so far (by [`Proc::wait_line`] and [`Proc::terminate`]).
+    pub stdout: Vec<String>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn roost");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            stdout: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// The next stdout line starting with `prefix` (within [`WAIT`]); panics with the output.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) => {
+                    self.stdout.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("roost ended before printing {prefix:?}\n{}", self.output())
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("no {prefix:?} within {WAIT:?}\n{}", self.output());
+            }
+        }
+    }
+
+    /// Everything read so far, for assertion messages.
+    pub fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout.join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// SIGTERM, then the exit status (within [`WAIT`]).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Collect what is left on stdout.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.stdout.push(line);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `roost serve control` on SQLite in `data_dir` (REST on a free loopback port, the worker
+/// channel on `channel_port`) with the bootstrap admin [`ADMIN_EMAIL`]; add arguments, then
+/// [`start_control`] it.
+pub fn control_command(data_dir: &Path, channel_port: u16) -> Command {
+    let mut command = Command::new(ROOST);
+    command
+        .args(["serve", "control", "--data-dir"])
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--channel-listen", &format!("127.0.0.1:{channel_port}")])
+        .args(["--bootstrap-admin", ADMIN_EMAIL])
+        .env("ROOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env_remove("ROOST_DATABASE_URL")
+        .env_remove("ROOST_REDIS_URL");
+    command
+}
+
+/// Starts control and waits for its REST address.
+pub fn start_control(command: &mut Command) -> (Proc, SocketAddr) {
+    let mut control = Proc::spawn(command);
+    let line = control.wait_line(CONTROL_READY);
+    let api = line
+        .trim_start_matches(CONTROL_READY)
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (control, api)
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`): status and JSON body (Null if none).
+pub fn http(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    http_host(api, &api.to_string(), method, path, auth, body)
+}
+
+/// [`http`] with another `Host` header (the gateway routes on it).
+pub fn http_host(
+    api: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    auth: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(api).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n{auth}\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// An `authorization: Bearer` header line for [`http`].
+pub fn bearer(token: &str) -> String {
+    format!("authorization: Bearer {token}\r\n")
+}
+
+/// The bootstrap admin's JWT.
+pub fn admin_token(api: SocketAddr) -> String {
+    let (status, login) = http(
+        api,
+        "POST",
+        "/v1/auth/login",
+        "",
+        Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
+    );
+    assert_eq!(status, 200, "{login}");
+    login["token"].as_str().unwrap().to_owned()
+}
