@@ -5,10 +5,11 @@
 //! and refusals of bad configuration. The PostgreSQL variant runs on a scratch database at
 //! `ROOST_TEST_POSTGRES_URL` (default `postgres://roost_test:roost_test@127.0.0.1:5432/roost_test`).
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,23 +26,20 @@ use roost_proto::control::{
 };
 use serde_json::{Value, json};
 use sqlx::Connection;
-
-const ROOST: &str = env!("CARGO_BIN_EXE_roost");
-const ADMIN_EMAIL: &str = "ops@example.com";
-const ADMIN_PASSWORD: &str = "correct-horse-battery";
+use support::{ADMIN_EMAIL, ADMIN_PASSWORD, CONTROL_READY, Proc, ROOST};
 /// Startup includes hashing the admin password at production cost in a debug build.
 const START_WITHIN: Duration = Duration::from_secs(90);
 const EXIT_WITHIN: Duration = Duration::from_secs(15);
 
 /// A running `roost serve control` process.
 struct Control {
-    child: Child,
+    process: Proc,
     api: SocketAddr,
-    stderr: Arc<Mutex<String>>,
 }
 
 impl Control {
-    /// Starts the binary with `args` after the common ones and waits for its ready line.
+    /// Starts the binary with `args` after the common ones and waits for its ready line; the
+    /// error holds its output when it exits first.
     fn start(data_dir: &std::path::Path, extra: &[&str]) -> Result<Self, String> {
         // Defaults an individual test may replace through `extra`.
         let mut args: Vec<&str> = Vec::new();
@@ -56,76 +54,26 @@ impl Control {
                 args.extend([flag, value]);
             }
         }
-        let mut child = Command::new(ROOST)
-            .args(["serve", "control", "--data-dir"])
-            .arg(data_dir)
-            .args(&args)
-            .args(extra)
-            .env("ROOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("RUST_LOG", "info")
-            .env_remove("ROOST_DATABASE_URL")
-            .env_remove("ROOST_REDIS_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn roost");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err_pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + START_WITHIN;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("roost control: REST API on http://") {
-                        let addr = rest.split(',').next().unwrap().parse().unwrap();
-                        return Ok(Self {
-                            child,
-                            api: addr,
-                            stderr,
-                        });
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                // Let the stderr reader drain.
-                std::thread::sleep(Duration::from_millis(100));
-                return Err(format!(
-                    "roost exited with {status} before it was ready; stderr:\n{}",
-                    stderr.lock().unwrap()
-                ));
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!(
-                    "roost was not ready within {START_WITHIN:?}; stderr:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-        }
+        let mut process = Proc::spawn(
+            Command::new(ROOST)
+                .args(["serve", "control", "--data-dir"])
+                .arg(data_dir)
+                .args(&args)
+                .args(extra)
+                .env("ROOST_ADMIN_PASSWORD", ADMIN_PASSWORD)
+                .env("RUST_LOG", "info")
+                .env_remove("ROOST_DATABASE_URL")
+                .env_remove("ROOST_REDIS_URL"),
+        );
+        let line = process.try_wait_line(CONTROL_READY, START_WITHIN)?;
+        let api = line
+            .trim_start_matches(CONTROL_READY)
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Ok(Self { process, api })
     }
 
     fn url(&self, path: &str) -> String {
@@ -139,31 +87,7 @@ impl Control {
 
     /// Sends `signal` and waits for the exit status.
     fn stop_with(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, signal).unwrap();
-        let deadline = Instant::now() + EXIT_WITHIN;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "roost did not exit within {EXIT_WITHIN:?} of {signal}; stderr:\n{}",
-                    self.stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process.stop_with(signal, EXIT_WITHIN)
     }
 }
 

@@ -81,6 +81,8 @@ done
 
 for f in /tmp/*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
 for f in /tmp/boot.log /tmp/panic.log /tmp/m?.log; do sed "s|^|LOG $(basename $f .log): |" "$f"; done
+# The big VM's log is long (16 CPUs coming up): its agent lines and its last lines only.
+{ grep -a 'roost-agent' /tmp/big.log; tail -n 15 /tmp/big.log; } | sed 's|^|LOG big: |'
 "#;
 
 #[test]

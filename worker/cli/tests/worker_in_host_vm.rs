@@ -32,8 +32,7 @@ use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 use serde_json::{Value, json};
 use support::{
-    ADMIN_EMAIL, ADMIN_PASSWORD, ROOST, admin_token, bearer, control_command, http, http_host,
-    start_control,
+    ROOST, admin_token, bearer, control_command, http, http_host, start_control, try_admin_token,
 };
 
 const DOMAIN: &str = "roost.test";
@@ -304,17 +303,7 @@ fn drive(
     seen: &mut Seen,
     script_done: &AtomicBool,
 ) -> Result<String, String> {
-    let (status, login) = http(
-        api,
-        "POST",
-        "/v1/auth/login",
-        "",
-        Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
-    );
-    if status != 200 {
-        return Err(format!("login: {status} {login}"));
-    }
-    let admin = login["token"].as_str().unwrap().to_owned();
+    let admin = try_admin_token(api)?;
     let (status, user) = http(
         api,
         "POST",

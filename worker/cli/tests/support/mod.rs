@@ -22,12 +22,13 @@ pub const ADMIN_PASSWORD: &str = "correct-horse-battery";
 /// How long a process may take to print an expected line or to exit after SIGTERM.
 pub const WAIT: Duration = Duration::from_secs(90);
 /// What `roost serve control` prints once its REST API listens.
-const CONTROL_READY: &str = "roost control: REST API on http://";
+pub const CONTROL_READY: &str = "roost control: REST API on http://";
 
 /// A child `roost` process with its stdout lines and stderr text; killed when dropped.
 pub struct Proc {
     pub child: Child,
-    lines: Receiver<String>,
+    /// In a mutex only so that a `&Proc` may be held across an `.await` in async tests.
+    lines: Mutex<Receiver<String>>,
     /// The stdout lines read so far (by [`Proc::wait_line`] and [`Proc::terminate`]).
     pub stdout: Vec<String>,
     pub stderr: Arc<Mutex<String>>,
@@ -66,7 +67,7 @@ impl Proc {
         });
         Self {
             child,
-            lines,
+            lines: Mutex::new(lines),
             stdout: Vec::new(),
             stderr,
         }
@@ -74,26 +75,41 @@ impl Proc {
 
     /// The next stdout line starting with `prefix` (within [`WAIT`]); panics with the output.
     pub fn wait_line(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT;
+        self.try_wait_line(prefix, WAIT)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The next stdout line starting with `prefix`, or an error with the output when the
+    /// process ends first (what a refused start looks like); panics after `within`.
+    pub fn try_wait_line(&mut self, prefix: &str, within: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self
+            let received = self
                 .lines
-                .recv_timeout(left.min(Duration::from_millis(200)))
-            {
+                .get_mut()
+                .unwrap()
+                .recv_timeout(left.min(Duration::from_millis(200)));
+            match received {
                 Ok(line) => {
                     self.stdout.push(line.clone());
                     if line.starts_with(prefix) {
-                        return line;
+                        return Ok(line);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    panic!("roost ended before printing {prefix:?}\n{}", self.output())
+                    let status = self.child.wait().expect("wait for roost");
+                    // Let the stderr reader drain.
+                    std::thread::sleep(Duration::from_millis(100));
+                    return Err(format!(
+                        "roost exited with {status} before printing {prefix:?}\n{}",
+                        self.output()
+                    ));
                 }
             }
             if Instant::now() >= deadline {
-                panic!("no {prefix:?} within {WAIT:?}\n{}", self.output());
+                panic!("no {prefix:?} within {within:?}\n{}", self.output());
             }
         }
     }
@@ -109,20 +125,26 @@ impl Proc {
 
     /// SIGTERM, then the exit status (within [`WAIT`]).
     pub fn terminate(&mut self) -> ExitStatus {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM, WAIT)
+    }
+
+    /// Sends `signal`, then the exit status; panics when there is none within `within`.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal, within: Duration) -> ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let deadline = Instant::now() + WAIT;
+        nix::sys::signal::kill(pid, signal).unwrap();
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 // Collect what is left on stdout.
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                let lines = self.lines.get_mut().unwrap();
+                while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
                     self.stdout.push(line);
                 }
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "no exit after SIGTERM\n{}",
+                "no exit within {within:?} of {signal}\n{}",
                 self.output()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -243,6 +265,11 @@ pub fn bearer(token: &str) -> String {
 
 /// The bootstrap admin's JWT.
 pub fn admin_token(api: SocketAddr) -> String {
+    try_admin_token(api).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The bootstrap admin's JWT, or what control answered instead.
+pub fn try_admin_token(api: SocketAddr) -> Result<String, String> {
     let (status, login) = http(
         api,
         "POST",
@@ -250,6 +277,8 @@ pub fn admin_token(api: SocketAddr) -> String {
         "",
         Some(json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})),
     );
-    assert_eq!(status, 200, "{login}");
-    login["token"].as_str().unwrap().to_owned()
+    match (status, login["token"].as_str()) {
+        (200, Some(token)) => Ok(token.to_owned()),
+        _ => Err(format!("admin login: {status} {login}")),
+    }
 }
