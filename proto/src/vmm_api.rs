@@ -71,6 +71,12 @@ pub struct SnapshotInfo {
     /// How long the VM was held paused for this snapshot.
     pub paused_ms: u64,
     pub state_bytes: u64,
+    /// The files of the disk's layer chain, oldest first (absolute paths): the snapshot needs
+    /// the directories holding them (empty for a disk without overlay; its memory generations
+    /// are always in `dir`). `None` from a VMM that does not report it: then nothing can be
+    /// assumed about which older snapshots it needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_chain: Option<Vec<PathBuf>>,
 }
 
 /// One reply.

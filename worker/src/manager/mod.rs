@@ -7,7 +7,8 @@
 //! - **pause** writes a snapshot of memory and device state into the data directory (a diff
 //!   against the snapshot the VM was restored from, by default), then tears the VM down and
 //!   frees every host resource; **resume** restores from that snapshot, repeatably — each
-//!   pause writes a new generation (a diff keeps its parents: its disk layers live there).
+//!   pause writes a new generation; older generations stay while its disk chain reads layers
+//!   from them (chains merge at depth 4, then they are removed).
 //! - **snapshot** saves a running sandbox as a template later creates can use (the VM keeps
 //!   running); **delete template** removes one.
 //! - **kill** stops the VMM and removes everything of the sandbox: runtime directory (sockets,
@@ -18,11 +19,11 @@
 //! same sandbox are refused with [`ManagerError::Busy`] (control does not issue concurrent
 //! operations on one sandbox; the refusal guards against a retry racing the original).
 //!
-//! Seams for what is not wired yet: the disk is the template's read-only root filesystem (the
-//! VMM's restore does not take a copy-on-write overlay yet, so there is no per-sandbox disk to
-//! save); the VMM is not jailed and has no network namespace (the containment work plugs in at
-//! [`VmBackend`]); cgroups are optional ([`SandboxManager::with_cgroups`]) and the VMM joins
-//! its group right after it starts.
+//! Each VM writes to its own copy-on-write overlay of the template's disk (in its runtime
+//! directory); snapshots save it as disk layers. Seams for what is not wired yet: the VMM is not
+//! jailed and has no network namespace (the containment work plugs in at [`VmBackend`]);
+//! cgroups are optional ([`SandboxManager::with_cgroups`]) and the VMM joins its group right
+//! after it starts.
 
 mod backend;
 mod metrics;
@@ -696,20 +697,24 @@ impl<B: VmBackend> SandboxManager<B> {
                 ms = started.elapsed().as_millis(),
                 "sandbox snapshotted for pause"
             );
-            Ok(())
+            Ok(info)
         }
         .await;
-        if let Err(e) = result {
-            let _ = store::remove_all(&target);
-            // The snapshot leaves the VM paused; let it run again as it was.
-            if let Err(resume) = running.vm.resume().await {
-                tracing::warn!(sandbox = id, "cannot resume after a failed pause: {resume}");
+        let info = match result {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = store::remove_all(&target);
+                // The snapshot leaves the VM paused; let it run again as it was.
+                if let Err(resume) = running.vm.resume().await {
+                    tracing::warn!(sandbox = id, "cannot resume after a failed pause: {resume}");
+                }
+                self.settle(id, State::Running(running));
+                return Err(e);
             }
-            self.settle(id, State::Running(running));
-            return Err(e);
-        }
+        };
         self.stop_vm(id, running).await;
         remove_newer_generations(&dir, generation);
+        remove_unneeded_generations(&dir, generation, info.disk_chain.as_deref());
         self.settle(id, State::Paused { generation });
         tracing::info!(sandbox = id, generation, "sandbox paused");
         Ok(())
@@ -967,8 +972,7 @@ pub fn clone_identity(
 }
 
 /// Removes the generations in a paused directory newer than `keep` (left by a pause that
-/// failed). Older ones stay until the sandbox is killed: a diff's disk layers are read from
-/// its parents' directories (its memory generations are hard-linked into its own).
+/// failed). Older ones are [`remove_unneeded_generations`]' business.
 fn remove_newer_generations(dir: &Path, keep: u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -982,6 +986,51 @@ fn remove_newer_generations(dir: &Path, keep: u64) {
             && let Err(e) = store::remove_all(&entry.path())
         {
             tracing::warn!(path = %entry.path().display(), "cannot remove a stale generation: {e}");
+        }
+    }
+}
+
+/// Removes the generations in paused directory `dir` older than `newest` that the newest
+/// snapshot no longer reads. Its memory generations are hard-linked into its own directory;
+/// its disk may still read layers from its parents' directories (`disk_chain`, as the VMM
+/// reported it) until the chain merges (at depth 4), after which the older generations go.
+/// Without a reported chain, or when a layer cannot be resolved, every generation stays: a
+/// needed one must never be removed.
+fn remove_unneeded_generations(dir: &Path, newest: u64, disk_chain: Option<&[PathBuf]>) {
+    let Some(chain) = disk_chain else {
+        return;
+    };
+    let Ok(layers) = chain
+        .iter()
+        .map(std::fs::canonicalize)
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        tracing::warn!(dir = %dir.display(), "a disk layer of the new snapshot cannot be resolved; keeping every older generation");
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let older = entry
+            .file_name()
+            .to_str()
+            .and_then(store::generation_number)
+            .is_some_and(|n| n < newest);
+        let needed = std::fs::canonicalize(&path).map_or(true, |real| {
+            layers.iter().any(|layer| layer.starts_with(&real))
+        });
+        if !older || needed {
+            continue;
+        }
+        match store::remove_all(&path) {
+            Ok(()) => {
+                tracing::debug!(path = %path.display(), "removed a generation the newest snapshot no longer reads")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot remove an unneeded generation: {e}")
+            }
         }
     }
 }

@@ -72,6 +72,39 @@ impl VmBackend for Fake {
     }
 }
 
+/// Depth past which the fake's disk chains merge (the VMM's is 4).
+const FAKE_MAX_DEPTH: usize = 3;
+/// Where a fake snapshot records its disk chain, one absolute path per line.
+const FAKE_CHAIN_FILE: &str = "disk-chain.txt";
+
+/// The disk chain a snapshot into `dir` has, as the VMM builds it: a full snapshot has its
+/// own layer only; a diff adds its layer to its parent's chain (a template's is its own
+/// layer), and a chain deeper than [`FAKE_MAX_DEPTH`] merges into the new layer.
+fn fake_disk_chain(
+    dir: &Path,
+    kind: SnapshotKind,
+    parent: Option<&Path>,
+) -> std::io::Result<Vec<PathBuf>> {
+    let own = dir.join("disk0.layer");
+    std::fs::write(&own, b"layer")?;
+    let mut chain = match (kind, parent) {
+        (SnapshotKind::Diff, Some(parent)) => {
+            match std::fs::read_to_string(parent.join(FAKE_CHAIN_FILE)) {
+                Ok(text) => text.lines().map(PathBuf::from).collect(),
+                Err(_) => vec![parent.join("disk0.layer")],
+            }
+        }
+        _ => Vec::new(),
+    };
+    chain.push(own.clone());
+    if chain.len() > FAKE_MAX_DEPTH {
+        chain = vec![own];
+    }
+    let text: Vec<String> = chain.iter().map(|p| p.display().to_string()).collect();
+    std::fs::write(dir.join(FAKE_CHAIN_FILE), text.join("\n"))?;
+    Ok(chain)
+}
+
 impl SandboxVm for FakeVm {
     async fn snapshot(
         &self,
@@ -92,6 +125,7 @@ impl SandboxVm for FakeVm {
             return Err("the VMM refused: no space left on device".into());
         }
         std::fs::write(dir.join(SNAPSHOT_STATE_FILE), b"state")?;
+        let disk_chain = fake_disk_chain(dir, kind, parent)?;
         Ok(SnapshotInfo {
             dir: dir.to_owned(),
             kind,
@@ -99,6 +133,7 @@ impl SandboxVm for FakeVm {
             memory_depth: 1,
             paused_ms: 1,
             state_bytes: 5,
+            disk_chain: Some(disk_chain),
         })
     }
 
@@ -334,10 +369,28 @@ async fn pause_resume_cycles_chain_diffs_on_their_parents() {
             "diff on its parent"
         );
         assert_eq!(call.dir, paused.join(format!("gen-{}", cycle + 1)));
-        let mut expected: Vec<String> = (1..=cycle + 1).map(|n| format!("gen-{n}")).collect();
+        // The template's layer, gen-1, gen-2: then gen-3's chain merges (depth 3 here) and
+        // the generations it no longer reads go; gen-4 reads gen-3's layer again.
+        let kept: &[&str] = match cycle {
+            1 => &["gen-1", "gen-2"],
+            2 => &["gen-3"],
+            _ => &["gen-3", "gen-4"],
+        };
+        let mut expected: Vec<String> = kept.iter().map(|n| (*n).to_owned()).collect();
         expected.push("sandbox.json".into());
-        assert_eq!(names(&paused), expected, "parents are kept until the kill");
+        assert_eq!(
+            names(&paused),
+            expected,
+            "parents are kept while the newest disk chain reads them (cycle {cycle})"
+        );
     }
+    // The newest generation still resumes after its parents were removed.
+    m.resume(&spec(ID, "base")).await.unwrap();
+    assert_eq!(
+        s.fake.log().restores.last().unwrap().0,
+        paused.join("gen-4")
+    );
+    m.pause(ID).await.unwrap();
     let error = m.resume(&spec("cl-other", "base")).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::UnknownSandbox);
 
@@ -530,4 +583,33 @@ async fn shutdown_stops_running_vms_keeps_paused_ones_and_refuses_new_work() {
         m.create(&spec("cl-four", "base")).await.unwrap_err().kind(),
         ErrorKind::InvalidState
     );
+}
+
+#[test]
+fn older_generations_go_only_when_the_newest_chain_provably_does_not_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let paused = dir.path();
+    for n in 1..=4 {
+        let generation = paused.join(format!("gen-{n}"));
+        std::fs::create_dir(&generation).unwrap();
+        std::fs::write(generation.join("disk0.layer"), b"layer").unwrap();
+    }
+    std::fs::write(paused.join("sandbox.json"), b"{}").unwrap();
+    let layer = |n: u32| paused.join(format!("gen-{n}/disk0.layer"));
+    let all = ["gen-1", "gen-2", "gen-3", "gen-4", "sandbox.json"];
+
+    // A VMM that did not report its chain: nothing can be known, nothing goes.
+    remove_unneeded_generations(paused, 4, None);
+    assert_eq!(names(paused), all);
+    // A layer that cannot be resolved: nothing goes either.
+    let missing = paused.join("gen-9/disk0.layer");
+    remove_unneeded_generations(paused, 4, Some(&[layer(2), missing]));
+    assert_eq!(names(paused), all);
+    // The chain reads gen-2 and gen-4 (through a path of another form): gen-1 and gen-3 go.
+    let roundabout = paused.join("gen-1/../gen-2/disk0.layer");
+    remove_unneeded_generations(paused, 4, Some(&[roundabout, layer(4)]));
+    assert_eq!(names(paused), ["gen-2", "gen-4", "sandbox.json"]);
+    // Newer generations are never this function's to remove.
+    remove_unneeded_generations(paused, 2, Some(&[layer(2)]));
+    assert_eq!(names(paused), ["gen-2", "gen-4", "sandbox.json"]);
 }

@@ -280,6 +280,7 @@ fn handle(line: &[u8], controller: &VmController) -> Result<Reply, RequestError>
                     memory_depth: summary.memory_depth,
                     paused_ms: summary.paused_ms,
                     state_bytes: summary.state_bytes,
+                    disk_chain: Some(summary.disk_chain),
                 }),
                 ..Reply::ok(state(controller))
             })

@@ -64,6 +64,22 @@ pub struct DeviceManagerState {
     pub virtio: Vec<VirtioSlotState>,
 }
 
+impl DeviceManagerState {
+    /// The layer files of the saved disks' chains, oldest first, with paths relative to the
+    /// snapshot directory `dir` made absolute.
+    pub fn disk_chain(&self, dir: &Path) -> Vec<PathBuf> {
+        self.virtio
+            .iter()
+            .filter_map(|slot| match &slot.device {
+                VirtioDeviceSnapshot::Block(state) => state.disk.as_ref(),
+                _ => None,
+            })
+            .flat_map(|manifest| &manifest.layers)
+            .map(|layer| dir.join(&layer.path))
+            .collect()
+    }
+}
+
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -99,11 +115,13 @@ impl DeviceHandles {
     }
 
     /// [`DeviceHandles::save`] with every overlay disk's layer written into snapshot
-    /// directory `dir` (full or the clusters written since the last snapshot).
+    /// directory `dir` (full or the clusters written since the last snapshot; a chain deeper
+    /// than `max_depth` is merged into that directory).
     pub fn save_with_disks(
         &self,
         dir: &Path,
         kind: LayerKind,
+        max_depth: usize,
     ) -> Result<DeviceManagerState, SnapshotDiskError> {
         let mut state = self.save();
         let mut disks = 0;
@@ -115,7 +133,8 @@ impl DeviceHandles {
                 if disks > 1 {
                     return Err(SnapshotDiskError::TooManyDisks);
                 }
-                saved.device = VirtioDeviceSnapshot::Block(lock(block).state_with_disk(dir, kind)?);
+                saved.device =
+                    VirtioDeviceSnapshot::Block(lock(block).state_with_disk(dir, kind, max_depth)?);
             }
         }
         Ok(state)
@@ -264,4 +283,71 @@ fn restore_block(
         dev.set_acked_features(state.virtio.acked_features & avail);
     }
     Ok(block)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::{Block, BlockConfig};
+
+    fn slot(name: &str, device: VirtioDeviceSnapshot) -> VirtioSlotState {
+        VirtioSlotState {
+            name: name.to_owned(),
+            transport: MmioTransportState {
+                device_status: 0,
+                features_select: 0,
+                acked_features_select: 0,
+                queue_select: 0,
+                config_generation: 0,
+                queues: Vec::new(),
+                interrupt_status: 0,
+            },
+            device,
+        }
+    }
+
+    #[test]
+    fn the_disk_chain_lists_every_layer_file_with_absolute_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![0u8; 128 * 1024]).unwrap();
+        let mut blk = Block::new(BlockConfig {
+            path: base.clone(),
+            read_only: false,
+            overlay: Some(dir.path().join("live.cow")),
+        })
+        .unwrap();
+        let (g1, g2) = (dir.path().join("g1"), dir.path().join("g2"));
+        std::fs::create_dir_all(&g1).unwrap();
+        std::fs::create_dir_all(&g2).unwrap();
+        blk.state_with_disk(&g1, LayerKind::Full, 4).unwrap();
+        let state = blk.state_with_disk(&g2, LayerKind::Diff, 4).unwrap();
+        let devices = DeviceManagerState {
+            serial: None,
+            i8042: None,
+            virtio: vec![slot("block", VirtioDeviceSnapshot::Block(state))],
+        };
+        assert_eq!(
+            devices.disk_chain(&g2),
+            [g1.join("disk0.layer"), g2.join("disk0.layer")],
+            "the parent's layer keeps its absolute path; the new one is made absolute"
+        );
+
+        let mut ro = Block::new(BlockConfig {
+            path: base,
+            read_only: true,
+            overlay: None,
+        })
+        .unwrap();
+        let state = ro.state_with_disk(&g2, LayerKind::Full, 4).unwrap();
+        let devices = DeviceManagerState {
+            serial: None,
+            i8042: None,
+            virtio: vec![slot("block", VirtioDeviceSnapshot::Block(state))],
+        };
+        assert!(
+            devices.disk_chain(&g2).is_empty(),
+            "a read-only disk has no layers"
+        );
+    }
 }

@@ -61,6 +61,8 @@ pub struct SnapshotSummary {
     pub paused_ms: u64,
     /// Size of `vm.state`.
     pub state_bytes: u64,
+    /// The disk layer files the snapshot's disk is recreated from, oldest first (absolute).
+    pub disk_chain: Vec<PathBuf>,
 }
 
 /// Full or diff, with the parent's directory for a diff.
@@ -228,13 +230,18 @@ impl VmController {
             SnapshotMode::Full => (SaveKind::Full, LayerKind::Full),
             SnapshotMode::Diff { parent } => (SaveKind::Diff { parent }, LayerKind::Diff),
         };
-        let devices = self.parts.devices.save_with_disks(dir, layer_kind)?;
+        // Disk and memory chains merge at the same depth.
+        let options = SaveOptions::default();
+        let devices = self
+            .parts
+            .devices
+            .save_with_disks(dir, layer_kind, options.max_depth)?;
         let memory = crate::memory::snapshot::save(
             &self.parts.ram,
             &self.parts.vm,
             dir,
             save_kind,
-            &SaveOptions::default(),
+            &options,
         )?;
         let state = VmSnapshot {
             config: self.parts.config.clone(),
@@ -243,12 +250,14 @@ impl VmController {
             memory,
         };
         let state_bytes = snapshot::file::write(&dir.join(STATE_FILE), &state)?;
+        let disk_chain = state.devices.disk_chain(dir);
         Ok(SnapshotSummary {
             dir: dir.to_owned(),
             memory_pages_written: state.memory.pages_written,
             memory_depth: state.memory.depth,
             paused_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             state_bytes,
+            disk_chain,
         })
     }
 

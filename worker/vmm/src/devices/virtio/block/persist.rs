@@ -14,6 +14,8 @@ use crate::devices::virtio::persist::VirtioDeviceState;
 
 /// File name of the disk layer in a snapshot directory.
 pub const LAYER_FILE: &str = "disk0.layer";
+/// Where a merged layer is written before it replaces [`LAYER_FILE`].
+const MERGING_FILE: &str = "disk0.layer.merging";
 
 /// Everything needed to recreate a [`Block`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,8 +140,9 @@ impl Block {
         &mut self,
         dir: &Path,
         kind: LayerKind,
+        max_depth: usize,
     ) -> Result<BlockState, SnapshotDiskError> {
-        let mut disk = self.snapshot_disk(dir, kind)?;
+        let mut disk = self.snapshot_disk(dir, kind, max_depth)?;
         for layer in &mut disk.layers {
             if let Ok(inside) = layer.path.strip_prefix(dir) {
                 layer.path = inside.to_owned();
@@ -155,10 +158,15 @@ impl Block {
     /// clusters written since the previous snapshot of this disk (or the snapshot it was
     /// restored from); without such a parent a diff is taken as full. A full layer holds every
     /// cluster the overlay holds. A read-only raw disk has no state: no file, no layers.
+    ///
+    /// A chain longer than `max_depth` (at least 1) is merged right away into one full layer
+    /// that replaces the new file, as memory chains are: a restore then reads a bounded number
+    /// of files, and the snapshot no longer needs its parents' directories.
     pub fn snapshot_disk(
         &mut self,
         dir: &Path,
         kind: LayerKind,
+        max_depth: usize,
     ) -> Result<DiskManifest, SnapshotDiskError> {
         let Some(overlay) = self.disk.backend_mut().overlay_mut() else {
             if self.config.read_only {
@@ -191,12 +199,41 @@ impl Block {
             self.chain.clear();
         }
         self.chain.push(layer);
-        Ok(DiskManifest {
+        let manifest = DiskManifest {
             virtual_size: overlay.geometry().virtual_size,
             cluster_size: CLUSTER_SIZE,
             layers: self.chain.clone(),
-        })
+        };
+        if manifest.layers.len() <= max_depth.max(1) {
+            return Ok(manifest);
+        }
+        let merged = merge_in_place(&manifest, dir)?;
+        self.chain.clone_from(&merged.layers);
+        Ok(merged)
     }
+}
+
+/// Merges `manifest`'s chain, whose newest layer is `dir`'s [`LAYER_FILE`], into one full layer
+/// that then takes that file's place. Until the rename the chain on disk is the unmerged one,
+/// which is just as complete; a failed merge leaves it (and no partial file) behind.
+fn merge_in_place(manifest: &DiskManifest, dir: &Path) -> Result<DiskManifest, LayerError> {
+    let merging = dir.join(MERGING_FILE);
+    let target = dir.join(LAYER_FILE);
+    let merged = layer::merge(manifest, &merging).and_then(|mut merged| {
+        std::fs::rename(&merging, &target).map_err(|source| LayerError::Io {
+            what: "rename",
+            path: merging.clone(),
+            source,
+        })?;
+        for layer in &mut merged.layers {
+            layer.path.clone_from(&target);
+        }
+        Ok(merged)
+    });
+    if merged.is_err() {
+        let _ = std::fs::remove_file(&merging);
+    }
+    merged
 }
 
 #[cfg(test)]
@@ -204,6 +241,9 @@ mod tests {
     use super::*;
     use crate::devices::virtio::block::BlockConfig;
     use crate::devices::virtio::block::overlay::Overlay;
+
+    /// The chain depth the VMM uses (memory chains merge at the same depth).
+    const DEPTH: usize = roost_pager::DEFAULT_MAX_DEPTH;
 
     fn write(blk: &mut Block, offset: u64, data: &[u8]) {
         blk.disk.backend_mut().write_at(data, offset).unwrap();
@@ -233,11 +273,11 @@ mod tests {
         std::fs::create_dir_all(&s1).unwrap();
         std::fs::create_dir_all(&s2).unwrap();
         // No parent yet: a diff request is taken as full.
-        let m1 = blk.snapshot_disk(&s1, LayerKind::Diff).unwrap();
+        let m1 = blk.snapshot_disk(&s1, LayerKind::Diff, DEPTH).unwrap();
         assert_eq!(m1.layers.len(), 1);
         assert_eq!(m1.layers[0].kind, LayerKind::Full);
         write(&mut blk, 8192, &[2; 512]);
-        let m2 = blk.snapshot_disk(&s2, LayerKind::Diff).unwrap();
+        let m2 = blk.snapshot_disk(&s2, LayerKind::Diff, DEPTH).unwrap();
         assert_eq!(m2.layers.len(), 2);
         assert_eq!(
             (m2.layers[1].kind, m2.layers[1].clusters),
@@ -259,7 +299,7 @@ mod tests {
         write(&mut restored, 0, &[3; 512]);
         let s3 = dir.path().join("s3");
         std::fs::create_dir_all(&s3).unwrap();
-        let m3 = restored.snapshot_disk(&s3, LayerKind::Diff).unwrap();
+        let m3 = restored.snapshot_disk(&s3, LayerKind::Diff, DEPTH).unwrap();
         assert_eq!(m3.layers.len(), 3);
         assert_eq!(m3.layers[2].clusters, 1);
         let merged = layer::merge(&m3, &dir.path().join("merged.layer")).unwrap();
@@ -284,7 +324,7 @@ mod tests {
         write(&mut blk, 4096, &[9; 8192]);
         let snap = dir.path().join("snap");
         std::fs::create_dir_all(&snap).unwrap();
-        let state = blk.state_with_disk(&snap, LayerKind::Full).unwrap();
+        let state = blk.state_with_disk(&snap, LayerKind::Full, DEPTH).unwrap();
         let layers = &state.disk.as_ref().unwrap().layers;
         assert_eq!(layers.len(), 1);
         assert_eq!(
@@ -319,7 +359,7 @@ mod tests {
         })
         .unwrap();
         std::fs::create_dir_all(&snap).unwrap();
-        let state = ro.state_with_disk(&snap, LayerKind::Full).unwrap();
+        let state = ro.state_with_disk(&snap, LayerKind::Full, DEPTH).unwrap();
         assert_eq!(state.disk, None);
         let reopened = Block::reopen(&state, &snap, Some(&dir.path().join("y.cow"))).unwrap();
         assert_eq!(reopened.state().overlay, None);
@@ -337,7 +377,9 @@ mod tests {
             overlay: None,
         })
         .unwrap();
-        let m = ro.snapshot_disk(dir.path(), LayerKind::Full).unwrap();
+        let m = ro
+            .snapshot_disk(dir.path(), LayerKind::Full, DEPTH)
+            .unwrap();
         assert!(m.layers.is_empty());
         assert!(!dir.path().join(LAYER_FILE).exists());
         let mut rw = Block::new(BlockConfig {
@@ -346,7 +388,91 @@ mod tests {
             overlay: None,
         })
         .unwrap();
-        let err = rw.snapshot_disk(dir.path(), LayerKind::Full).unwrap_err();
+        let err = rw
+            .snapshot_disk(dir.path(), LayerKind::Full, DEPTH)
+            .unwrap_err();
         assert!(matches!(err, SnapshotDiskError::WritableRaw(_)), "{err}");
+    }
+
+    #[test]
+    fn chains_deeper_than_the_limit_merge_into_the_newest_snapshot_which_then_stands_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![7u8; 256 * 1024]).unwrap();
+        let config = |overlay: &str| BlockConfig {
+            path: base.clone(),
+            read_only: false,
+            overlay: Some(dir.path().join(overlay)),
+        };
+        let mut blk = Block::new(config("live.cow")).unwrap();
+        let mut snapshots = Vec::new();
+        let mut depths = Vec::new();
+        for n in 0..7u8 {
+            // Each generation rewrites the first cluster and adds one of its own.
+            write(&mut blk, 0, &[n + 1; 512]);
+            write(
+                &mut blk,
+                (u64::from(n) + 1) * CLUSTER_SIZE,
+                &[n + 100; 4096],
+            );
+            let snap = dir.path().join(format!("g{n}"));
+            std::fs::create_dir_all(&snap).unwrap();
+            let manifest = blk.snapshot_disk(&snap, LayerKind::Diff, 3).unwrap();
+            depths.push(manifest.layers.len());
+            snapshots.push((snap, manifest));
+        }
+        // Full, +diff, +diff, then the 4th layer merges into one; and so on.
+        assert_eq!(depths, [1, 2, 3, 1, 2, 3, 1]);
+        let (newest_dir, newest) = snapshots.last().unwrap();
+        assert_eq!(newest.layers[0].kind, LayerKind::Full);
+        assert_eq!(newest.layers[0].path, newest_dir.join(LAYER_FILE));
+        assert_eq!(newest.layers[0].clusters, 8, "every cluster ever written");
+        assert!(!newest_dir.join(MERGING_FILE).exists());
+
+        // The merged snapshot needs no parent: remove every older generation first.
+        for (old, _) in &snapshots[..snapshots.len() - 1] {
+            std::fs::remove_dir_all(old).unwrap();
+        }
+        let restored = Block::restore_disk(config("clone.cow"), newest).unwrap();
+        assert_eq!(read_all(&restored), read_all(&blk));
+        // The base is untouched.
+        assert_eq!(std::fs::read(&base).unwrap(), vec![7u8; 256 * 1024]);
+
+        // A restored disk continues from the merged chain.
+        let mut restored = restored;
+        write(&mut restored, 0, &[42; 512]);
+        let next = dir.path().join("next");
+        std::fs::create_dir_all(&next).unwrap();
+        let m = restored.snapshot_disk(&next, LayerKind::Diff, 3).unwrap();
+        assert_eq!(m.layers.len(), 2);
+        assert_eq!(
+            (m.layers[1].kind, m.layers[1].clusters),
+            (LayerKind::Diff, 1)
+        );
+    }
+
+    #[test]
+    fn a_merge_that_cannot_complete_keeps_the_unmerged_chain_and_no_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![1u8; 64 * 1024]).unwrap();
+        let mut blk = Block::new(BlockConfig {
+            path: base,
+            read_only: false,
+            overlay: Some(dir.path().join("live.cow")),
+        })
+        .unwrap();
+        let (g0, g1) = (dir.path().join("g0"), dir.path().join("g1"));
+        std::fs::create_dir_all(&g0).unwrap();
+        std::fs::create_dir_all(&g1).unwrap();
+        write(&mut blk, 0, &[2; 512]);
+        blk.snapshot_disk(&g0, LayerKind::Full, 1).unwrap();
+        // The parent's layer is gone: the merge cannot read it.
+        std::fs::remove_file(g0.join(LAYER_FILE)).unwrap();
+        write(&mut blk, 4096, &[3; 512]);
+        let err = blk.snapshot_disk(&g1, LayerKind::Diff, 1).unwrap_err();
+        assert!(matches!(err, SnapshotDiskError::Layer(_)), "{err}");
+        assert!(g1.join(LAYER_FILE).is_file(), "the diff itself was written");
+        assert!(!g1.join(MERGING_FILE).exists());
     }
 }
