@@ -26,7 +26,7 @@ use roost_proto::control::{
 };
 use serde_json::{Value, json};
 use sqlx::Connection;
-use support::{ADMIN_EMAIL, ADMIN_PASSWORD, CONTROL_READY, Proc, ROOST};
+use support::{ADMIN_EMAIL, ADMIN_PASSWORD, Proc, ROOST, try_start_control};
 /// Startup includes hashing the admin password at production cost in a debug build.
 const START_WITHIN: Duration = Duration::from_secs(90);
 const EXIT_WITHIN: Duration = Duration::from_secs(15);
@@ -54,7 +54,7 @@ impl Control {
                 args.extend([flag, value]);
             }
         }
-        let mut process = Proc::spawn(
+        let (process, api) = try_start_control(
             Command::new(ROOST)
                 .args(["serve", "control", "--data-dir"])
                 .arg(data_dir)
@@ -64,15 +64,8 @@ impl Control {
                 .env("RUST_LOG", "info")
                 .env_remove("ROOST_DATABASE_URL")
                 .env_remove("ROOST_REDIS_URL"),
-        );
-        let line = process.try_wait_line(CONTROL_READY, START_WITHIN)?;
-        let api = line
-            .trim_start_matches(CONTROL_READY)
-            .split(',')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+            START_WITHIN,
+        )?;
         Ok(Self { process, api })
     }
 

@@ -22,7 +22,7 @@ pub const ADMIN_PASSWORD: &str = "correct-horse-battery";
 /// How long a process may take to print an expected line or to exit after SIGTERM.
 pub const WAIT: Duration = Duration::from_secs(90);
 /// What `roost serve control` prints once its REST API listens.
-pub const CONTROL_READY: &str = "roost control: REST API on http://";
+const CONTROL_READY: &str = "roost control: REST API on http://";
 
 /// A child `roost` process with its stdout lines and stderr text; killed when dropped.
 pub struct Proc {
@@ -180,8 +180,17 @@ pub fn control_command(data_dir: &Path, channel_port: u16) -> Command {
 
 /// Starts control and waits for its REST address.
 pub fn start_control(command: &mut Command) -> (Proc, SocketAddr) {
+    try_start_control(command, WAIT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts control and waits (at most `within`) for its REST address; the error holds its
+/// output when it exits first (a refused configuration).
+pub fn try_start_control(
+    command: &mut Command,
+    within: Duration,
+) -> Result<(Proc, SocketAddr), String> {
     let mut control = Proc::spawn(command);
-    let line = control.wait_line(CONTROL_READY);
+    let line = control.try_wait_line(CONTROL_READY, within)?;
     let api = line
         .trim_start_matches(CONTROL_READY)
         .split(',')
@@ -189,7 +198,7 @@ pub fn start_control(command: &mut Command) -> (Proc, SocketAddr) {
         .unwrap()
         .parse()
         .unwrap();
-    (control, api)
+    Ok((control, api))
 }
 
 /// One HTTP/1.1 exchange (`Connection: close`): status and JSON body (Null if none).
