@@ -180,20 +180,24 @@ impl VmHandle {
         .await
     }
 
-    /// Hands a warm clone ([`VmHandle::restore_warm`]) its identity, within `timeout`.
+    /// Hands a warm clone ([`VmHandle::restore_warm`]) its identity, within `timeout`, in one
+    /// exchange with its agent (this is on a create's clock).
     pub async fn take_identity(
         &mut self,
         identity: &IdentityRequest,
         timeout: Duration,
     ) -> Result<(), VmError> {
         let deadline = Instant::now() + timeout;
-        let handed = tokio::select! {
-            handed = restore::hand_identity(&self.agent, identity, deadline) => handed,
+        let applied = tokio::select! {
+            applied = restore::apply_identity(&self.agent, identity, deadline) => applied,
             exit = self.vmm.exited() => {
                 return Err(VmError::VmmExited { exit, log: self.logs() });
             }
         };
-        self.hello = handed.map_err(VmError::Identity)?;
+        applied.map_err(VmError::Identity)?;
+        // The same agent answered the warm clone's hello: only its hostname changed (applying
+        // it was checked), so no second exchange is needed to learn it.
+        self.hello.hostname.clone_from(&identity.hostname);
         Ok(())
     }
 

@@ -35,11 +35,22 @@ pub async fn hand_identity(
     identity: &IdentityRequest,
     deadline: Instant,
 ) -> Result<Hello, IdentityError> {
+    apply_identity(agent, identity, deadline).await?;
+    retry_until(deadline, || agent.hello()).await
+}
+
+/// Hands `identity` to the agent, retrying until it answers (or `deadline` passes), in one
+/// exchange; fails unless every machine-wide part was applied.
+pub async fn apply_identity(
+    agent: &AgentClient,
+    identity: &IdentityRequest,
+    deadline: Instant,
+) -> Result<IdentityApplied, IdentityError> {
     let applied = retry_until(deadline, || agent.set_identity(identity)).await?;
     if !(applied.entropy && applied.hostname && applied.clock && applied.envd) {
         return Err(IdentityError::Incomplete(applied));
     }
-    retry_until(deadline, || agent.hello()).await
+    Ok(applied)
 }
 
 /// Waits until the restored agent answers (or `deadline` passes) and returns its hello.
