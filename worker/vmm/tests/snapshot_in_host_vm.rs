@@ -5,10 +5,12 @@
 //! must answer an exec over vsock (old connections were reset) and the count must have gone
 //! on: the file holds 1, 2, 3, … with no gap and no restart. The same count goes to a file on
 //! the VM's copy-on-write disk, which every restore recreates in a new overlay from the
-//! snapshots' disk layers; read back from the disk at the end, it equals the in-memory copy. Also: a page the guest zeroed
-//! comes back zero, truncated / corrupted / future-version state files are refused with a
-//! message naming the problem, the API's stop ends the VMM with exit 5, and nothing (process,
-//! socket) is left over.
+//! snapshots' disk layers; read back from the disk at the end, it equals the in-memory copy.
+//! Disk chains, like memory chains, merge at depth 4: every diff's reply reports a chain of 1
+//! to 4 layers, and before the last restore every snapshot directory that the last one's chain
+//! does not name is moved away. Also: a page the guest zeroed comes back zero, truncated /
+//! corrupted / future-version state files are refused with a message naming the problem, the
+//! API's stop ends the VMM with exit 5, and nothing (process, socket) is left over.
 //!
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p
 //! roost-agent-client`) and the `kernel` and `rootfs-base` artefacts (`roost images build`).
@@ -104,6 +106,19 @@ result cycles $CYCLE
 result cycle-failures "${FAILED:-none}"
 result zeros "$(head -c 4194304 /dev/zero | sha256sum | cut -d' ' -f1)"
 
+# The last snapshot's disk chain (in its reply) names the directories it still reads; its
+# memory generations are its own (hard links). Everything else is moved away before it is
+# restored once more: disk chains merge like memory chains, so most must be unneeded.
+mkdir -p /tmp/aside
+MOVED=0
+for d in /tmp/snap/*; do
+  [ "$d" = "$PREV" ] && continue
+  grep -q "\"$d/" /tmp/snap.out && continue
+  mv "$d" /tmp/aside/; MOVED=$((MOVED+1))
+done
+result moved-aside $MOVED
+result chain-dirs "$(ls /tmp/snap | wc -l)"
+
 # The last snapshot once more: counted on, then stopped through the API.
 roost vm run --restore $PREV --rootfs-overlay /tmp/ov-last.cow --vsock-uds /tmp/vm.sock --serial-log /tmp/vm-last.log \
     --api-socket /tmp/api.sock 2>/tmp/vmm-last.err &
@@ -153,6 +168,7 @@ echo "TIMING page-server-lost-to-exit $(( $(now_ms) - T0 )) ms"
 result uffd-lost-message "$(grep -c 'page server' /tmp/vmm-uffd.err)"
 
 # Bad state files are refused before anything runs, each with its own message.
+[ -d /tmp/snap/0 ] || mv /tmp/aside/0 /tmp/snap/0
 mkdir -p /tmp/bad1 /tmp/bad2 /tmp/bad3
 for d in /tmp/bad1 /tmp/bad2 /tmp/bad3; do cp -a /tmp/snap/0/. $d/; done
 SIZE=$(wc -c < /tmp/bad1/vm.state)
@@ -211,6 +227,34 @@ fn snapshot_restore_cycles_in_host_vm() {
         get("zero-page"),
         get("zeros"),
         "a page the guest zeroed came back zero; {all}"
+    );
+    let cycles = usize::try_from(CYCLES).unwrap();
+    let chain_dirs: usize = get("chain-dirs").parse().unwrap();
+    assert!(
+        (1..=4).contains(&chain_dirs),
+        "disk chains merge at depth 4: the last snapshot reads at most 4 directories, found {chain_dirs}; {all}"
+    );
+    assert_eq!(
+        get("moved-aside"),
+        (cycles + 1 - chain_dirs).to_string(),
+        "every other snapshot directory was moved away before the last restore; {all}"
+    );
+    let depths: Vec<usize> = run
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("TIMING diff-snapshot"))
+        .filter_map(|line| line.split_once('{').map(|(_, json)| format!("{{{json}")))
+        .filter_map(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+        .filter_map(|reply| Some(reply["snapshot"]["disk_chain"].as_array()?.len()))
+        .collect();
+    assert_eq!(
+        depths.len(),
+        cycles,
+        "every diff reported its disk chain; {all}"
+    );
+    assert!(
+        depths.iter().all(|&d| (1..=4).contains(&d)) && depths.contains(&1),
+        "disk chains stay at most 4 deep and merge: {depths:?}; {all}"
     );
     assert_eq!(get("last-agent"), "0", "{all}");
     assert_eq!(get("last-log"), "ok", "{all}");
