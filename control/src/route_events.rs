@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::ratelimit::shared::{REDIS_TIMEOUT, SharedError};
+use crate::ratelimit::shared::{REDIS_TIMEOUT, SharedError, connect_manager};
 use crate::store::Db;
 
 /// Channel name after the key prefix.
@@ -36,12 +36,8 @@ impl std::fmt::Debug for RoutePublisher {
 impl RoutePublisher {
     /// Connects to `url`; changes go to channel `<prefix>routes`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, SharedError> {
-        let client = redis::Client::open(url)?;
-        let connection = tokio::time::timeout(REDIS_TIMEOUT * 8, ConnectionManager::new(client))
-            .await
-            .map_err(|_| SharedError::Timeout)??;
         Ok(Self {
-            connection,
+            connection: connect_manager(url).await?,
             channel: format!("{prefix}{CHANNEL_SUFFIX}"),
         })
     }

@@ -41,6 +41,16 @@ pub enum SharedError {
     Timeout,
 }
 
+/// A Redis connection to `url` (`redis://host:port/db`) that reconnects by itself; the first
+/// connection must succeed within a bounded time.
+pub async fn connect_manager(url: &str) -> Result<ConnectionManager, SharedError> {
+    let client = redis::Client::open(url)?;
+    tokio::time::timeout(REDIS_TIMEOUT * 8, ConnectionManager::new(client))
+        .await
+        .map_err(|_| SharedError::Timeout)?
+        .map_err(SharedError::from)
+}
+
 /// A handle to the shared windows (cheap to clone; reconnects by itself).
 #[derive(Clone)]
 pub struct SharedWindows {
@@ -60,12 +70,8 @@ impl std::fmt::Debug for SharedWindows {
 impl SharedWindows {
     /// Connects to `url` (`redis://host:port/db`); every key starts with `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, SharedError> {
-        let client = redis::Client::open(url)?;
-        let connection = tokio::time::timeout(REDIS_TIMEOUT * 8, ConnectionManager::new(client))
-            .await
-            .map_err(|_| SharedError::Timeout)??;
         Ok(Self {
-            connection,
+            connection: connect_manager(url).await?,
             prefix: prefix.to_owned(),
             script: Script::new(GCRA),
         })
