@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use roost_proto::control::{Capacity, Hello, Usage};
 
@@ -104,6 +105,34 @@ struct Worker {
     /// Which connection of the host this is; a late detach of an older one is ignored.
     epoch: u64,
     load: Load,
+    /// Templates control saw the worker add (`true`: a snapshot it took) or remove, and when.
+    recent: HashMap<String, (bool, Instant)>,
+}
+
+/// How long a template change control made on a worker (a snapshot taken, a template deleted)
+/// outranks the worker's heartbeats. A heartbeat composed before the change can arrive after
+/// it; without this, creates from a snapshot just taken were refused ("no connected worker
+/// offers template") until the next heartbeat. A worker that really lost such a template
+/// answers `unknown_template` to a create in the meantime.
+const TEMPLATE_CHANGE_GRACE: Duration = Duration::from_secs(30);
+
+/// The templates a worker offers: what its heartbeat lists, amended by the changes in `recent`
+/// younger than [`TEMPLATE_CHANGE_GRACE`] (older ones are forgotten: the heartbeat decides).
+fn reconcile(
+    reported: &[String],
+    recent: &mut HashMap<String, (bool, Instant)>,
+    now: Instant,
+) -> BTreeSet<String> {
+    recent.retain(|_, (_, at)| now.saturating_duration_since(*at) < TEMPLATE_CHANGE_GRACE);
+    let mut templates: BTreeSet<String> = reported.iter().cloned().collect();
+    for (template, (offered, _)) in recent.iter() {
+        if *offered {
+            templates.insert(template.clone());
+        } else {
+            templates.remove(template);
+        }
+    }
+    templates
 }
 
 /// A host chosen for a sandbox, with its reservation already counted.
@@ -147,6 +176,7 @@ impl Registry {
                 templates: hello.templates.iter().cloned().collect(),
                 draining: false,
             },
+            recent: HashMap::new(),
         };
         if let Some(old) = self.lock().insert(host_id.to_owned(), worker) {
             old.connection.close(
@@ -177,7 +207,7 @@ impl Registry {
     pub fn report(&self, host_id: &str, epoch: u64, usage: Usage, templates: &[String]) {
         if let Some(w) = self.lock().get_mut(host_id).filter(|w| w.epoch == epoch) {
             w.load.usage = usage;
-            w.load.templates = templates.iter().cloned().collect();
+            w.load.templates = reconcile(templates, &mut w.recent, Instant::now());
         }
     }
 
@@ -188,18 +218,22 @@ impl Registry {
         }
     }
 
-    /// Records that `host_id` now offers `template` (a snapshot it just took), until its next
-    /// heartbeat says otherwise.
+    /// Records that `host_id` now offers `template` (a snapshot it just took); heartbeats
+    /// decide again after [`TEMPLATE_CHANGE_GRACE`].
     pub fn offer(&self, host_id: &str, template: &str) {
         if let Some(w) = self.lock().get_mut(host_id) {
             w.load.templates.insert(template.to_owned());
+            w.recent.insert(template.to_owned(), (true, Instant::now()));
         }
     }
 
-    /// Records that `host_id` no longer offers `template`.
+    /// Records that `host_id` no longer offers `template` (deleted); heartbeats decide again
+    /// after [`TEMPLATE_CHANGE_GRACE`].
     pub fn withdraw(&self, host_id: &str, template: &str) {
         if let Some(w) = self.lock().get_mut(host_id) {
             w.load.templates.remove(template);
+            w.recent
+                .insert(template.to_owned(), (false, Instant::now()));
         }
     }
 
@@ -395,5 +429,28 @@ mod tests {
         l.remove(SMALL);
         l.remove(SMALL);
         assert_eq!(l.usage, Usage::default());
+    }
+
+    #[test]
+    fn recent_template_changes_outrank_a_stale_heartbeat_for_a_while() {
+        let start = Instant::now();
+        let names = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>();
+        let mut recent = HashMap::new();
+        recent.insert("snap-new".to_owned(), (true, start));
+        recent.insert("snap-gone".to_owned(), (false, start));
+        // A heartbeat composed before the snapshot and the deletion.
+        let stale = ["base".to_owned(), "snap-gone".to_owned()];
+        let soon = start + Duration::from_secs(1);
+        assert_eq!(
+            names(&reconcile(&stale, &mut recent, soon)),
+            ["base", "snap-new"]
+        );
+        // After the grace the worker's own list decides, and the changes are forgotten.
+        let later = start + TEMPLATE_CHANGE_GRACE;
+        assert_eq!(
+            names(&reconcile(&stale, &mut recent, later)),
+            ["base", "snap-gone"]
+        );
+        assert!(recent.is_empty());
     }
 }
