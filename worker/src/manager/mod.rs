@@ -971,22 +971,36 @@ pub fn clone_identity(
     Ok(identity)
 }
 
+/// The `gen-<n>` entries of paused directory `dir`, with their numbers.
+fn generations(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let n = entry
+                .file_name()
+                .to_str()
+                .and_then(store::generation_number)?;
+            Some((n, entry.path()))
+        })
+        .collect()
+}
+
+/// Removes one generation directory, logging (not failing) when it cannot.
+fn remove_generation(path: &Path, why: &str) {
+    match store::remove_all(path) {
+        Ok(()) => tracing::debug!(path = %path.display(), "removed a generation: {why}"),
+        Err(e) => tracing::warn!(path = %path.display(), "cannot remove a generation ({why}): {e}"),
+    }
+}
+
 /// Removes the generations in a paused directory newer than `keep` (left by a pause that
 /// failed). Older ones are [`remove_unneeded_generations`]' business.
 fn remove_newer_generations(dir: &Path, keep: u64) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(n) = name.to_str().and_then(store::generation_number) else {
-            continue;
-        };
-        if n > keep
-            && let Err(e) = store::remove_all(&entry.path())
-        {
-            tracing::warn!(path = %entry.path().display(), "cannot remove a stale generation: {e}");
-        }
+    for (_, path) in generations(dir).into_iter().filter(|(n, _)| *n > keep) {
+        remove_generation(&path, "left by a failed pause");
     }
 }
 
@@ -1008,29 +1022,12 @@ fn remove_unneeded_generations(dir: &Path, newest: u64, disk_chain: Option<&[Pat
         tracing::warn!(dir = %dir.display(), "a disk layer of the new snapshot cannot be resolved; keeping every older generation");
         return;
     };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let older = entry
-            .file_name()
-            .to_str()
-            .and_then(store::generation_number)
-            .is_some_and(|n| n < newest);
+    for (_, path) in generations(dir).into_iter().filter(|(n, _)| *n < newest) {
         let needed = std::fs::canonicalize(&path).map_or(true, |real| {
             layers.iter().any(|layer| layer.starts_with(&real))
         });
-        if !older || needed {
-            continue;
-        }
-        match store::remove_all(&path) {
-            Ok(()) => {
-                tracing::debug!(path = %path.display(), "removed a generation the newest snapshot no longer reads")
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "cannot remove an unneeded generation: {e}")
-            }
+        if !needed {
+            remove_generation(&path, "the newest snapshot no longer reads it");
         }
     }
 }

@@ -290,6 +290,15 @@ mod tests {
     use super::*;
     use crate::devices::virtio::block::{Block, BlockConfig};
 
+    /// A VM whose only device is a disk in `state`.
+    fn with_disk(state: BlockState) -> DeviceManagerState {
+        DeviceManagerState {
+            serial: None,
+            i8042: None,
+            virtio: vec![slot("block", VirtioDeviceSnapshot::Block(state))],
+        }
+    }
+
     fn slot(name: &str, device: VirtioDeviceSnapshot) -> VirtioSlotState {
         VirtioSlotState {
             name: name.to_owned(),
@@ -321,12 +330,7 @@ mod tests {
         std::fs::create_dir_all(&g1).unwrap();
         std::fs::create_dir_all(&g2).unwrap();
         blk.state_with_disk(&g1, LayerKind::Full, 4).unwrap();
-        let state = blk.state_with_disk(&g2, LayerKind::Diff, 4).unwrap();
-        let devices = DeviceManagerState {
-            serial: None,
-            i8042: None,
-            virtio: vec![slot("block", VirtioDeviceSnapshot::Block(state))],
-        };
+        let devices = with_disk(blk.state_with_disk(&g2, LayerKind::Diff, 4).unwrap());
         assert_eq!(
             devices.disk_chain(&g2),
             [g1.join("disk0.layer"), g2.join("disk0.layer")],
@@ -339,12 +343,7 @@ mod tests {
             overlay: None,
         })
         .unwrap();
-        let state = ro.state_with_disk(&g2, LayerKind::Full, 4).unwrap();
-        let devices = DeviceManagerState {
-            serial: None,
-            i8042: None,
-            virtio: vec![slot("block", VirtioDeviceSnapshot::Block(state))],
-        };
+        let devices = with_disk(ro.state_with_disk(&g2, LayerKind::Full, 4).unwrap());
         assert!(
             devices.disk_chain(&g2).is_empty(),
             "a read-only disk has no layers"
