@@ -12,14 +12,12 @@
 //! channel also proves the device thread's allowlist; the script prints any seccomp audit
 //! lines (`SECCOMP`) to make a refusal easy to diagnose.
 
-use std::time::Duration;
-
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 
 const SCRIPT: &str = r#"
 result() { echo "RESULT $1 $2"; }
-CTL="timeout 300 roost-agent-ctl --vsock-uds /tmp/vm.sock"
+CTL="timeout 120 roost-agent-ctl --vsock-uds /tmp/vm.sock"
 # The worker listens for the hello before the VM boots.
 roost-agent-ctl wait-ready --vsock-uds /tmp/vm.sock --timeout 300 > /tmp/hello.json 2>/tmp/wait.err &
 W=$!
@@ -86,7 +84,7 @@ dmesg | grep -E "audit.*syscall=" | sed 's/.*comm=/SECCOMP comm=/; s/ ip=.*//' |
 fn agent_channel_over_vsock_in_host_vm() {
     let run = ScriptRun::run(
         HostVm::builder()
-            .timeout(Duration::from_secs(1200))
+            .timeout(roost_hostvm::script::TEST_LIMIT)
             .mem_mib(4096),
         SCRIPT,
         &["kernel", "rootfs-base"],
