@@ -175,4 +175,93 @@ async fn malformed_bodies_ids_and_queries(app: TestApp) {
     assert_eq!(count, 0);
 }
 
-on_both_backends!(malformed_bodies_ids_and_queries);
+async fn bad_egress_lists_are_refused_naming_the_entry(app: TestApp) {
+    let user = app.signup("a@example.com").await;
+    let key = app.api_key(&user).await;
+    let auth = Auth::Key(&key);
+
+    // E2B: a bad entry in either list is a 400 naming the list and the entry.
+    for (network, list, entry) in [
+        (
+            json!({"allowOut": ["not a host!"]}),
+            "allowOut",
+            "not a host!",
+        ),
+        (
+            json!({"allowOut": ["10.0.0.0/8"], "denyOut": ["2001:db8::/32"]}),
+            "denyOut",
+            "2001:db8::/32",
+        ),
+        (json!({"denyOut": ["1.2.3.4/33"]}), "denyOut", "1.2.3.4/33"),
+    ] {
+        for path in ["/v2/sandboxes", "/sandboxes"] {
+            let r = app
+                .call(
+                    Method::POST,
+                    path,
+                    auth,
+                    Some(json!({"templateID": "base", "network": network})),
+                )
+                .await;
+            r.assert_error(StatusCode::BAD_REQUEST);
+            assert_eq!(r.header("should-retry"), Some("false"));
+            let message = r.body["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(&format!("{list}: "))
+                    && message.contains(&format!("`{entry}`")),
+                "{path}: {message}"
+            );
+        }
+    }
+    // Too many entries.
+    let many = vec!["1.1.1.1"; roost_proto::egress::MAX_ENTRIES + 1];
+    let r = app
+        .call(
+            Method::POST,
+            "/v2/sandboxes",
+            auth,
+            Some(json!({"templateID": "base", "network": {"denyOut": many}})),
+        )
+        .await;
+    r.assert_error(StatusCode::BAD_REQUEST);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("denyOut has 1001 entries"),
+        "{}",
+        r.text
+    );
+    // Not a list of strings: the JSON shape is wrong (422, like other mistyped fields).
+    app.call(
+        Method::POST,
+        "/v2/sandboxes",
+        auth,
+        Some(json!({"templateID": "base", "network": {"allowOut": "10.0.0.0/8"}})),
+    )
+    .await
+    .assert_error(StatusCode::UNPROCESSABLE_ENTITY);
+    // The native route checks the same lists.
+    let r = app
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            auth,
+            Some(json!({"template": "base", "allowOut": ["ok.example", "not a host!"]})),
+        )
+        .await;
+    r.assert_error(StatusCode::BAD_REQUEST);
+    assert!(r.text.contains("`not a host!`"), "{}", r.text);
+    // Refused before anything was stored or placed.
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM sandboxes")
+        .fetch_one(app.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    assert_eq!(app.worker.held(), 0);
+}
+
+on_both_backends!(
+    malformed_bodies_ids_and_queries,
+    bad_egress_lists_are_refused_naming_the_entry,
+);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
-use common::test_worker::{self, Creds, Profile, TestWorker};
+use common::test_worker::{self, Creds, Profile, Sent, TestWorker};
 use common::{Auth, TestApp, User, eventually};
 use roost_control::pki::ControlCa;
 use roost_control::store::{hosts, now_ms, users, worker_tokens};
@@ -305,6 +305,92 @@ async fn create_pause_resume_metrics_kill_through_the_channel(app: TestApp) {
         )
         .await;
     r.assert_error(StatusCode::NOT_FOUND);
+}
+
+async fn egress_lists_reach_the_worker_on_create_and_resume(app: TestApp) {
+    let admin = platform_admin(&app).await;
+    let w = worker(&app, &admin, Profile::new(4, &["base"])).await;
+    let key = tenant(&app, "a@example.com").await;
+    let allow = json!(["10.0.0.0/8", "*.pypi.org"]);
+    let deny = json!(["0.0.0.0/0"]);
+
+    let id = app
+        .e2b_sandbox(
+            &key,
+            json!({
+                "templateID": "base", "allow_internet_access": false,
+                "network": {"allowOut": allow, "denyOut": deny, "allowPublicTraffic": true}
+            }),
+        )
+        .await;
+    let lists = |spec: &roost_proto::control::CreateSandbox| {
+        (
+            spec.allow_internet,
+            json!(spec.allow_out),
+            json!(spec.deny_out),
+        )
+    };
+    let sent = w.book.sent(&id);
+    let [Sent::Create(created)] = sent.as_slice() else {
+        panic!("one create expected, got {sent:?}");
+    };
+    assert_eq!(lists(created), (false, allow.clone(), deny.clone()));
+    // The native view shows them as stored.
+    let body = sandbox(&app, &key, &id).await;
+    assert_eq!(body["allowOut"], allow);
+    assert_eq!(body["denyOut"], deny);
+    assert_eq!(body["allowInternet"], false);
+
+    // Resume rebuilds the request from the stored sandbox: the same lists go out again.
+    let path = format!("/sandboxes/{id}");
+    let r = app
+        .call(
+            Method::POST,
+            &format!("{path}/pause"),
+            Auth::Key(&key),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let r = app
+        .call(
+            Method::POST,
+            &format!("{path}/resume"),
+            Auth::Key(&key),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let sent = w.book.sent(&id);
+    let [Sent::Create(_), Sent::Resume(resumed)] = sent.as_slice() else {
+        panic!("create then resume expected, got {sent:?}");
+    };
+    assert_eq!(lists(resumed), (false, allow.clone(), deny.clone()));
+
+    // The native route takes the same lists; without them the worker gets empty ones.
+    let r = app
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Auth::Key(&key),
+            Some(json!({"template": "base", "allowOut": ["pypi.org"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["allowOut"], json!(["pypi.org"]));
+    assert_eq!(r.body["denyOut"], json!([]));
+    let native = r.body["id"].as_str().unwrap();
+    let sent = w.book.sent(native);
+    let [Sent::Create(created)] = sent.as_slice() else {
+        panic!("one create expected, got {sent:?}");
+    };
+    assert_eq!(lists(created), (true, json!(["pypi.org"]), json!([])));
+    let plain = app.e2b_sandbox(&key, json!({"templateID": "base"})).await;
+    let sent = w.book.sent(&plain);
+    let [Sent::Create(created)] = sent.as_slice() else {
+        panic!("one create expected, got {sent:?}");
+    };
+    assert!(created.allow_out.is_empty() && created.deny_out.is_empty());
 }
 
 async fn placement_is_capacity_aware_across_two_workers(app: TestApp) {
@@ -730,6 +816,7 @@ on_both_backends_with_channel!(
     registration_tokens_are_single_use_and_expire,
     certificates_from_another_ca_or_for_another_worker_are_refused,
     create_pause_resume_metrics_kill_through_the_channel,
+    egress_lists_reach_the_worker_on_create_and_resume,
     placement_is_capacity_aware_across_two_workers,
     placement_is_template_aware,
     a_vanished_worker_loses_its_sandboxes_within_the_bound,

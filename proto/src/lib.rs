@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod egress;
 pub mod ids;
 #[cfg(feature = "tls")]
 pub mod quic_stream;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use roost_proto::SandboxId;
+use roost_proto::egress::{self, PolicyError};
 use sha2::{Digest, Sha256};
 
 use super::state::{Event, SandboxState, transition};
@@ -39,6 +40,14 @@ pub struct CreateRequest {
     /// Whether ports other than envd's are open to anyone; if not, requests need the
     /// sandbox's traffic access token (generated here).
     pub allow_public_traffic: bool,
+    /// E2B `network.allowOut`: destinations reachable whatever `allow_internet` and `deny_out`
+    /// say (IPv4 addresses, CIDRs, host names, `*.domain`). Kept as written; checked here.
+    /// Left out of the fingerprint when empty, so requests without lists keep theirs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    /// E2B `network.denyOut`: destinations refused unless `allow_out` names them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
 }
 
 impl CreateRequest {
@@ -86,8 +95,20 @@ impl CreateRequest {
                 return invalid(format!("invalid environment variable name {name:?}"));
             }
         }
+        egress_list("allowOut", &self.allow_out)?;
+        egress_list("denyOut", &self.deny_out)?;
         Ok(())
     }
+}
+
+/// Checks one egress list with the syntax the worker will parse it with.
+fn egress_list(list: &'static str, entries: &[String]) -> Result<(), LifecycleError> {
+    egress::parse_list(list, entries)
+        .map(|_| ())
+        .map_err(|e| match e {
+            PolicyError::BadEntry(_) => LifecycleError::Invalid(format!("{list}: {e}")),
+            PolicyError::TooMany { .. } => LifecycleError::Invalid(e.to_string()),
+        })
 }
 
 /// Why a sandbox operation failed; the REST layer maps each to a status code.
@@ -240,6 +261,8 @@ impl Sandboxes {
             ended_at: None,
             allow_public_traffic: req.allow_public_traffic,
             traffic_access_token: traffic_token,
+            allow_out: req.allow_out.clone(),
+            deny_out: req.deny_out.clone(),
         };
         sandboxes::insert(&self.db, &sandbox).await?;
         audit::record(
@@ -555,5 +578,7 @@ pub(crate) fn spec_of(
         env_vars,
         envd_access_token: s.envd_access_token.clone(),
         allow_internet: s.allow_internet,
+        allow_out: s.allow_out.clone(),
+        deny_out: s.deny_out.clone(),
     }
 }

@@ -26,6 +26,9 @@ pub struct SandboxSpec {
     pub env_vars: BTreeMap<String, String>,
     pub envd_access_token: Option<String>,
     pub allow_internet: bool,
+    /// E2B `network.allowOut` / `network.denyOut`, validated, as the user wrote them.
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
 }
 
 /// Where a sandbox ended up.

@@ -45,6 +45,8 @@ fn wire_spec(spec: &SandboxSpec) -> CreateSandbox {
         env_vars: spec.env_vars.clone(),
         envd_access_token: spec.envd_access_token.clone(),
         allow_internet: spec.allow_internet,
+        allow_out: spec.allow_out.clone(),
+        deny_out: spec.deny_out.clone(),
     }
 }
 

@@ -38,6 +38,10 @@ pub struct Sandbox {
     /// `traffic_access_token` (the gateway checks it).
     pub allow_public_traffic: bool,
     pub traffic_access_token: Option<String>,
+    /// E2B `network.allowOut` / `network.denyOut`, as the user wrote them (validated at
+    /// creation with `roost_proto::egress`); sent to the worker on every create and resume.
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -63,12 +67,14 @@ struct Row {
     ended_at: Option<i64>,
     allow_public_traffic: i64,
     traffic_access_token: Option<String>,
+    allow_out: String,
+    deny_out: String,
 }
 
 const COLUMNS: &str = "s.id, s.team_id, s.template_id, s.state, s.metadata, s.env_var_names, \
     s.host_id, s.cpu_count, s.memory_mb, s.disk_size_mb, s.envd_version, s.envd_access_token, \
     s.auto_pause, s.allow_internet, s.created_at, s.started_at, s.updated_at, s.end_at, s.ended_at, \
-    s.allow_public_traffic, s.traffic_access_token";
+    s.allow_public_traffic, s.traffic_access_token, s.allow_out, s.deny_out";
 
 fn corrupt(column: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Corrupt {
@@ -87,6 +93,10 @@ impl TryFrom<Row> for Sandbox {
                 .map_err(|e| corrupt("sandboxes.metadata", e))?,
             env_var_names: serde_json::from_str(&r.env_var_names)
                 .map_err(|e| corrupt("sandboxes.env_var_names", e))?,
+            allow_out: serde_json::from_str(&r.allow_out)
+                .map_err(|e| corrupt("sandboxes.allow_out", e))?,
+            deny_out: serde_json::from_str(&r.deny_out)
+                .map_err(|e| corrupt("sandboxes.deny_out", e))?,
             id: r.id,
             team_id: r.team_id,
             template_id: r.template_id,
@@ -115,14 +125,18 @@ pub async fn insert(db: &Db, s: &Sandbox) -> Result<(), StoreError> {
         serde_json::to_string(&s.metadata).map_err(|e| corrupt("sandboxes.metadata", e))?;
     let env_names = serde_json::to_string(&s.env_var_names)
         .map_err(|e| corrupt("sandboxes.env_var_names", e))?;
+    let allow_out =
+        serde_json::to_string(&s.allow_out).map_err(|e| corrupt("sandboxes.allow_out", e))?;
+    let deny_out =
+        serde_json::to_string(&s.deny_out).map_err(|e| corrupt("sandboxes.deny_out", e))?;
     let mut tx = db.pool().begin().await?;
     sqlx::query(
         "INSERT INTO sandboxes (id, team_id, template_id, state, metadata, env_var_names, host_id, \
          cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, auto_pause, \
          allow_internet, created_at, started_at, updated_at, end_at, ended_at, \
-         allow_public_traffic, traffic_access_token) VALUES \
+         allow_public_traffic, traffic_access_token, allow_out, deny_out) VALUES \
          ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-         $20, $21)",
+         $20, $21, $22, $23)",
     )
     .bind(&s.id)
     .bind(&s.team_id)
@@ -145,6 +159,8 @@ pub async fn insert(db: &Db, s: &Sandbox) -> Result<(), StoreError> {
     .bind(s.ended_at)
     .bind(i64::from(s.allow_public_traffic))
     .bind(&s.traffic_access_token)
+    .bind(allow_out)
+    .bind(deny_out)
     .execute(&mut *tx)
     .await?;
     for (key, value) in &s.metadata {

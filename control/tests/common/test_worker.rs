@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use axum::http::{Method, StatusCode};
 use roost_control::workers::client::{ClientError, Handler, Identity, Session, Status};
 use roost_proto::control::{
-    Capacity, ErrorKind, Hello, MetricSample, Operation, Outcome, PROTOCOL_VERSION, SandboxReport,
-    Usage, WorkerError, WorkerSandboxState,
+    Capacity, CreateSandbox, ErrorKind, Hello, MetricSample, Operation, Outcome, PROTOCOL_VERSION,
+    SandboxReport, Usage, WorkerError, WorkerSandboxState,
 };
 use serde_json::json;
 
@@ -99,6 +99,15 @@ pub struct Book {
     silent_creates: std::sync::atomic::AtomicBool,
     /// Snapshots taken here; offered as templates besides the profile's.
     snapshots: Mutex<std::collections::BTreeSet<String>>,
+    /// Every create and resume request, as control sent it.
+    specs: Mutex<Vec<Sent>>,
+}
+
+/// A create or resume request a test worker received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    Create(CreateSandbox),
+    Resume(CreateSandbox),
 }
 
 impl Book {
@@ -153,6 +162,19 @@ impl Book {
         all
     }
 
+    /// Create and resume requests for sandbox `id`, in the order received.
+    pub fn sent(&self, id: &str) -> Vec<Sent> {
+        self.specs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| match s {
+                Sent::Create(spec) | Sent::Resume(spec) => spec.sandbox_id == id,
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Sandboxes control told this worker to kill, in order.
     pub fn kills(&self) -> Vec<String> {
         self.kills.lock().unwrap().clone()
@@ -187,6 +209,11 @@ impl Book {
                 message: message.to_owned(),
             })
         };
+        match &op {
+            Operation::Create(spec) => self.specs.lock().unwrap().push(Sent::Create(spec.clone())),
+            Operation::Resume(spec) => self.specs.lock().unwrap().push(Sent::Resume(spec.clone())),
+            _ => {}
+        }
         let mut map = self.lock();
         match op {
             Operation::Create(spec) => {

@@ -102,6 +102,13 @@ pub struct CreateSandbox {
     pub env_vars: BTreeMap<String, String>,
     pub envd_access_token: Option<String>,
     pub allow_internet: bool,
+    /// E2B `network.allowOut`, as the user wrote it (control checked it with
+    /// [`crate::egress::parse_list`]); absent from an older control: empty.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// E2B `network.denyOut`, like `allow_out`.
+    #[serde(default)]
+    pub deny_out: Vec<String>,
 }
 
 /// What control asks a worker to do.
@@ -313,6 +320,33 @@ mod tests {
         };
         let text = serde_json::to_string(&reply).unwrap();
         assert_eq!(serde_json::from_str::<WorkerReply>(&text).unwrap(), reply);
+    }
+
+    #[test]
+    fn create_carries_egress_lists_and_an_older_control_omits_them() {
+        let v = json!({
+            "protocol_version": 1, "request_id": 4, "op": "create", "sandbox_id": "cl-1",
+            "team_id": "t", "template_id": "base", "vcpus": 1, "memory_mib": 512, "disk_mib": 1024,
+            "env_vars": {}, "envd_access_token": null, "allow_internet": true
+        });
+        let old: Request = serde_json::from_value(v.clone()).unwrap();
+        let Operation::Create(mut spec) = old.operation else {
+            panic!("create expected");
+        };
+        assert!(spec.allow_out.is_empty() && spec.deny_out.is_empty());
+
+        spec.allow_out = vec!["10.0.0.0/8".into(), "*.pypi.org".into()];
+        spec.deny_out = vec!["0.0.0.0/0".into()];
+        let req = Request {
+            protocol_version: 1,
+            request_id: 5,
+            operation: Operation::Resume(spec),
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(v["op"], "resume");
+        assert_eq!(v["allow_out"], json!(["10.0.0.0/8", "*.pypi.org"]));
+        assert_eq!(v["deny_out"], json!(["0.0.0.0/0"]));
+        assert_eq!(serde_json::from_value::<Request>(v).unwrap(), req);
     }
 
     #[test]

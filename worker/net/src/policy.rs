@@ -12,98 +12,16 @@
 //! As in E2B, `allowOut` beats `denyOut`, so `denyOut: ["0.0.0.0/0"]` plus an `allowOut` list is
 //! an allow-list. Refusals are `reject`s (TCP reset / ICMP unreachable) so a connection fails at
 //! once instead of timing out. Host names match exactly, or with a leading `*.` any subdomain.
+//!
+//! The entry syntax ([`Destination`], [`HostPattern`], [`MAX_ENTRIES`]) is
+//! [`roost_proto::egress`], re-exported here: control checks the same lists with it and
+//! refuses bad ones before they reach a worker.
 
 use std::net::Ipv4Addr;
-use std::str::FromStr;
 
 use ipnet::Ipv4Net;
-
-/// Most entries in one list (each becomes a set element or a DNS rule).
-pub const MAX_ENTRIES: usize = 1000;
-
-/// One `allowOut` / `denyOut` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Destination {
-    /// An address or CIDR (an address is a /32).
-    Net(Ipv4Net),
-    /// A host name, or `*.` + a domain for any of its subdomains.
-    Host(HostPattern),
-}
-
-/// A host-name rule: exact, or every subdomain of `domain`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPattern {
-    /// Lower-case, without a trailing dot.
-    pub domain: String,
-    /// `*.domain`: subdomains only.
-    pub wildcard: bool,
-}
-
-impl HostPattern {
-    /// Whether `name` (any case, trailing dot allowed) matches.
-    pub fn matches(&self, name: &str) -> bool {
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if self.wildcard {
-            name.len() > self.domain.len()
-                && name.ends_with(&self.domain)
-                && name.as_bytes()[name.len() - self.domain.len() - 1] == b'.'
-        } else {
-            name == self.domain
-        }
-    }
-}
-
-/// Why a policy was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyError {
-    #[error(
-        "`{0}` is neither an IPv4 address, an IPv4 CIDR nor a host name (IPv6 is not supported)"
-    )]
-    BadEntry(String),
-    #[error("{list} has {len} entries; at most {MAX_ENTRIES} are allowed")]
-    TooMany { list: &'static str, len: usize },
-}
-
-impl FromStr for Destination {
-    type Err = PolicyError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let text = text.trim();
-        let bad = || PolicyError::BadEntry(text.to_owned());
-        if let Ok(addr) = text.parse::<Ipv4Addr>() {
-            return Ok(Destination::Net(Ipv4Net::from(addr)));
-        }
-        if let Ok(net) = text.parse::<Ipv4Net>() {
-            return Ok(Destination::Net(net.trunc()));
-        }
-        let (wildcard, domain) = match text.strip_prefix("*.") {
-            Some(rest) => (true, rest),
-            None => (false, text),
-        };
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        let valid_label = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        };
-        // A name, not something that looks like a mangled address or CIDR.
-        let looks_numeric = domain
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/');
-        if domain.is_empty()
-            || domain.len() > 253
-            || looks_numeric
-            || domain.contains('/')
-            || !domain.split('.').all(valid_label)
-        {
-            return Err(bad());
-        }
-        Ok(Destination::Host(HostPattern { domain, wildcard }))
-    }
-}
+use roost_proto::egress::parse_list;
+pub use roost_proto::egress::{Destination, HostPattern, MAX_ENTRIES, PolicyError};
 
 /// A sandbox's egress policy.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -205,20 +123,6 @@ pub enum NameVerdict {
     Refuse,
 }
 
-/// Parses one list, refusing more than [`MAX_ENTRIES`].
-fn parse_list(
-    list: &'static str,
-    entries: &[impl AsRef<str>],
-) -> Result<Vec<Destination>, PolicyError> {
-    if entries.len() > MAX_ENTRIES {
-        return Err(PolicyError::TooMany {
-            list,
-            len: entries.len(),
-        });
-    }
-    entries.iter().map(|e| e.as_ref().parse()).collect()
-}
-
 fn nets(list: &[Destination]) -> Vec<Ipv4Net> {
     list.iter()
         .filter_map(|d| match d {
@@ -262,39 +166,19 @@ mod tests {
     }
 
     #[test]
-    fn entries_parse_as_nets_or_host_patterns() {
+    fn parse_checks_both_lists_with_the_shared_syntax() {
+        let policy =
+            EgressPolicy::parse(true, &["10.1.2.3/8", "*.pypi.org"], &["0.0.0.0/0"]).unwrap();
+        assert_eq!(policy.allow_nets(), vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(policy.deny_nets(), vec!["0.0.0.0/0".parse().unwrap()]);
         assert_eq!(
-            "1.2.3.4".parse::<Destination>().unwrap(),
-            Destination::Net("1.2.3.4/32".parse().unwrap())
+            policy.name_verdict("files.pypi.org"),
+            NameVerdict::ResolveAndAdmit
         );
-        assert_eq!(
-            "10.1.2.3/8".parse::<Destination>().unwrap(),
-            Destination::Net("10.0.0.0/8".parse().unwrap()),
-            "host bits are masked off"
-        );
-        assert_eq!(
-            "*.Example.COM.".parse::<Destination>().unwrap(),
-            Destination::Host(HostPattern {
-                domain: "example.com".into(),
-                wildcard: true
-            })
-        );
-        for bad in [
-            "",
-            "1.2.3.4/33",
-            "::1",
-            "2001:db8::/32",
-            "a b",
-            "-x.com",
-            "1.2.3",
-            "*.",
-            "a/b",
-        ] {
-            assert!(bad.parse::<Destination>().is_err(), "{bad:?} accepted");
-        }
         let err = EgressPolicy::parse(true, &["ok.com", "not valid"], &[] as &[&str]).unwrap_err();
         assert_eq!(err, PolicyError::BadEntry("not valid".into()));
-        assert!(err.to_string().contains("not valid"));
+        let err = EgressPolicy::parse(true, &[] as &[&str], &["ok.com", "::1"]).unwrap_err();
+        assert_eq!(err, PolicyError::BadEntry("::1".into()));
         let many = vec!["1.1.1.1"; MAX_ENTRIES + 1];
         assert!(matches!(
             EgressPolicy::parse(true, &many, &[] as &[&str]),
@@ -303,21 +187,13 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn host_patterns_match_exactly_or_subdomains() {
-        let exact: Destination = "example.com".parse().unwrap();
-        let wild: Destination = "*.example.com".parse().unwrap();
-        let (Destination::Host(exact), Destination::Host(wild)) = (exact, wild) else {
-            panic!("host patterns expected");
-        };
-        assert!(exact.matches("EXAMPLE.com."));
-        assert!(!exact.matches("www.example.com"));
-        assert!(wild.matches("www.example.com"));
-        assert!(wild.matches("a.b.example.com"));
-        assert!(!wild.matches("example.com"));
-        assert!(!wild.matches("badexample.com"));
+        assert!(matches!(
+            EgressPolicy::parse(true, &[] as &[&str], &many),
+            Err(PolicyError::TooMany {
+                list: "denyOut",
+                ..
+            })
+        ));
     }
 
     #[test]

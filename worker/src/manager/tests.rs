@@ -230,6 +230,8 @@ fn spec(id: &str, template: &str) -> CreateSandbox {
         env_vars: BTreeMap::from([("A".into(), "1".into())]),
         envd_access_token: Some("tok".into()),
         allow_internet: false,
+        allow_out: Vec::new(),
+        deny_out: Vec::new(),
     }
 }
 

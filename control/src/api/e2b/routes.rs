@@ -25,6 +25,7 @@ async fn create(
     headers: HeaderMap,
     req: NewSandbox,
 ) -> Result<(StatusCode, axum::Json<E2bSandbox>), ApiError> {
+    let network = req.network.unwrap_or_default();
     let request = CreateRequest {
         template: req.template_id,
         timeout_secs: req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS),
@@ -33,10 +34,9 @@ async fn create(
         auto_pause: req.auto_pause.unwrap_or(false),
         allow_internet: req.allow_internet_access.unwrap_or(true),
         secure: req.secure.unwrap_or(false),
-        allow_public_traffic: req
-            .network
-            .and_then(|n| n.allow_public_traffic)
-            .unwrap_or(true),
+        allow_public_traffic: network.allow_public_traffic.unwrap_or(true),
+        allow_out: network.allow_out.unwrap_or_default(),
+        deny_out: network.deny_out.unwrap_or_default(),
     };
     let sandbox = state
         .sandboxes

@@ -27,13 +27,20 @@ pub struct NewSandbox {
     pub network: Option<NetworkConfig>,
 }
 
-/// `network` of the create body; egress lists are not enforced yet and ignored.
+/// `network` of the create body. Unknown fields (`maskRequestHost`) are ignored.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkConfig {
     /// `false`: ports other than envd's need the `e2b-traffic-access-token` header with the
     /// sandbox's `trafficAccessToken` (default true).
     pub allow_public_traffic: Option<bool>,
+    /// Destinations the sandbox may reach whatever `denyOut` and `allow_internet_access` say:
+    /// IPv4 addresses, CIDRs, host names, or `*.domain` for its subdomains (at most 1000).
+    /// A bad entry is a 400 naming it.
+    pub allow_out: Option<Vec<String>>,
+    /// Destinations refused unless `allowOut` names them (same syntax; `0.0.0.0/0` with an
+    /// `allowOut` list makes an allow-list).
+    pub deny_out: Option<Vec<String>>,
 }
 
 /// Body of `POST /sandboxes/{id}/timeout`.

@@ -39,6 +39,14 @@ pub struct NewSandbox {
     /// Ports other than the guest daemon's are open to anyone (default true); when false they
     /// need the `e2b-traffic-access-token` header with `trafficAccessToken`.
     pub allow_public_traffic: Option<bool>,
+    /// Destinations reachable whatever `denyOut` and `allowInternet` say: IPv4 addresses,
+    /// CIDRs, host names, or `*.domain` for its subdomains (at most 1000; E2B's
+    /// `network.allowOut`).
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// Destinations refused unless `allowOut` names them (same syntax; E2B's `network.denyOut`).
+    #[serde(default)]
+    pub deny_out: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -69,6 +77,8 @@ pub struct SandboxView {
     pub ended_at: Option<String>,
     pub allow_public_traffic: bool,
     pub traffic_access_token: Option<String>,
+    pub allow_out: Vec<String>,
+    pub deny_out: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -112,6 +122,8 @@ pub fn view(s: Sandbox) -> SandboxView {
         ended_at: s.ended_at.map(rfc3339),
         allow_public_traffic: s.allow_public_traffic,
         traffic_access_token: s.traffic_access_token,
+        allow_out: s.allow_out,
+        deny_out: s.deny_out,
     }
 }
 
@@ -152,6 +164,8 @@ pub async fn create(
         allow_internet: req.allow_internet.unwrap_or(true),
         secure: req.secure.unwrap_or(true),
         allow_public_traffic: req.allow_public_traffic.unwrap_or(true),
+        allow_out: req.allow_out,
+        deny_out: req.deny_out,
     };
     let sandbox = state
         .sandboxes
