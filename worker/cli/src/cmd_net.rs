@@ -96,7 +96,7 @@ pub fn run(command: NetCommand) -> anyhow::Result<i32> {
 }
 
 /// The first `nameserver` of /etc/resolv.conf, port 53.
-fn system_resolver() -> anyhow::Result<SocketAddr> {
+pub fn system_resolver() -> anyhow::Result<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf")
         .context("no --upstream-dns and cannot read /etc/resolv.conf")?;
     text.lines()

@@ -247,9 +247,10 @@ impl Drop for DmDisk {
 /// The template's snapshot and the clone's identity.
 fn restore_from(args: &SandboxRunArgs, name: TemplateName) -> anyhow::Result<Start> {
     let cache = Cache::from_env().context("no artefact cache")?;
-    let template = template::lookup(&ArtefactIndex::new(&cache), name).with_context(|| {
-        format!("no `{name}` template: run `roost templates build --image {name}`")
-    })?;
+    let template =
+        template::lookup(&ArtefactIndex::new(&cache), name, false).with_context(|| {
+            format!("no `{name}` template: run `roost templates build --image {name}`")
+        })?;
     let root = args
         .runtime_root
         .clone()

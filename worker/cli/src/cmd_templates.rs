@@ -35,6 +35,11 @@ pub struct BuildArgs {
     /// The VMM's seccomp mode.
     #[arg(long, value_enum, default_value_t = SeccompArg::Enforce)]
     seccomp: SeccompArg,
+    /// Build the flavour with a network device (`template-<name>-net`), which a worker with
+    /// sandbox networking (`roost serve worker --net`) offers. Needs root: the build VM's tap
+    /// lives in a network namespace of its own.
+    #[arg(long)]
+    network: bool,
 }
 
 pub fn run(command: TemplatesCommand) -> anyhow::Result<i32> {
@@ -69,6 +74,7 @@ fn build(cache: &Cache, args: BuildArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("the `{name}` template's inputs"))?;
         spec.ready_timeout = Duration::from_secs(args.ready_timeout);
         spec.seccomp = args.seccomp.mode();
+        spec.network = args.network;
         let built = runtime
             .block_on(template::build(cache, &spec))
             .with_context(|| format!("building the `{name}` template"))?;
@@ -95,8 +101,12 @@ fn build(cache: &Cache, args: BuildArgs) -> anyhow::Result<i32> {
 
 fn list(cache: &Cache) -> anyhow::Result<i32> {
     let index = ArtefactIndex::new(cache);
-    for name in TemplateName::ALL {
-        match template::lookup(&index, name) {
+    let flavours = TemplateName::ALL
+        .into_iter()
+        .flat_map(|name| [(name, false), (name, true)]);
+    for (name, network) in flavours {
+        let index_name = name.index_name_for(network);
+        match template::lookup(&index, name, network) {
             Ok(t) => {
                 let detail = t.meta.map_or_else(String::new, |m| {
                     format!(
@@ -105,13 +115,13 @@ fn list(cache: &Cache) -> anyhow::Result<i32> {
                     )
                 });
                 println!(
-                    "{:<26} {}  key {}{detail}",
-                    name.index_name(),
+                    "{:<30} {}  key {}{detail}",
+                    index_name,
                     t.snapshot_dir.display(),
                     &t.key[..16.min(t.key.len())]
                 );
             }
-            Err(e) => println!("{:<26} not built: {e}", name.index_name()),
+            Err(e) => println!("{index_name:<30} not built: {e}"),
         }
     }
     Ok(0)

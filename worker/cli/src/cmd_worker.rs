@@ -114,6 +114,8 @@ pub struct ServeWorkerArgs {
     /// CA certificate (PEM) that signs the gateways' certificates.
     #[arg(long, value_name = "FILE", requires = "gateways")]
     gateway_ca: Option<PathBuf>,
+    #[command(flatten)]
+    net: crate::worker_net::WorkerNetArgs,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -308,8 +310,9 @@ fn host_memory_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-/// The built templates among `names`, by id; a missing one is reported and skipped.
-fn find_templates(names: &[TemplateName]) -> BTreeMap<String, PathBuf> {
+/// The built templates among `names` (with a network device or without), by id; a missing one
+/// is reported and skipped.
+fn find_templates(names: &[TemplateName], network: bool) -> BTreeMap<String, PathBuf> {
     let mut found = BTreeMap::new();
     let cache = match Cache::from_env() {
         Ok(cache) => cache,
@@ -320,12 +323,13 @@ fn find_templates(names: &[TemplateName]) -> BTreeMap<String, PathBuf> {
     };
     let index = ArtefactIndex::new(&cache);
     for &name in names {
-        match template::lookup(&index, name) {
+        let flag = if network { " --network" } else { "" };
+        match template::lookup(&index, name, network) {
             Ok(t) => {
                 found.insert(name.as_str().to_owned(), t.snapshot_dir);
             }
             Err(e) => eprintln!(
-                "roost worker: template {name} is not built ({e}); run `roost templates build --image {name}`"
+                "roost worker: template {name} is not built ({e}); run `roost templates build --image {name}{flag}`"
             ),
         }
     }
@@ -377,7 +381,7 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
         .copied()
         .filter(|name| !args.template_dirs.iter().any(|(id, _)| id == name.as_str()))
         .collect();
-    config.templates = find_templates(&named);
+    config.templates = find_templates(&named, args.net.net);
     for (id, dir) in &args.template_dirs {
         let state = dir.join(roost_worker::vm_handle::SNAPSHOT_STATE_FILE);
         if !state.is_file() {
@@ -408,6 +412,18 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
     let mut restorer = HandleBackend::new();
     restorer.ready_timeout = Duration::from_secs(args.ready_timeout.max(1));
     restorer.seccomp = args.seccomp.mode();
+    if args.net.net {
+        let mut control = vec![creds.channel_address.clone()];
+        control.extend(
+            args.control_url
+                .as_deref()
+                .and_then(crate::worker_net::url_host_port),
+        );
+        restorer.net = Some(crate::worker_net::start(&args.net, &control).await?);
+    } else {
+        tracing::info!("no --net: sandboxes get no network device");
+    }
+    let net = restorer.net.clone();
     let backend = PooledBackend::new(restorer);
     let pools = backend.clone();
     let pool_plan = PoolPlan {
@@ -451,6 +467,11 @@ async fn serve(args: ServeWorkerArgs) -> anyhow::Result<i32> {
     .await;
     manager.shutdown().await;
     pools.shutdown_pools().await;
+    if let Some(net) = net
+        && let Err(e) = net.shutdown().await
+    {
+        eprintln!("roost worker: cannot remove the sandbox networks: {e:#}");
+    }
     if let Some(metrics) = metrics {
         metrics.abort();
     }

@@ -17,6 +17,7 @@ mod cmd_templates;
 mod cmd_vm;
 mod cmd_vm_api;
 mod cmd_worker;
+mod worker_net;
 
 use std::process::ExitCode;
 

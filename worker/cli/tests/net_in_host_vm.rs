@@ -13,6 +13,8 @@
 //! Needs qemu-system-x86, release binaries (`cargo build --release -p roost -p roost-agent`)
 //! and the `kernel` and `rootfs-base` artefacts (`roost images build`).
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::str::FromStr;
@@ -23,36 +25,7 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record};
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
-
-/// The guest-side probe: `name=host:port` tries a TCP connection (sending an HTTP request,
-/// reading the first line back); `name=dns:host` resolves a name. One `PROBE name outcome`
-/// line each: `reached:<first line>`, `refused`, `timeout`, `resolved:<addr>` or `nodns`.
-const PROBE: &str = r#"
-import socket, sys
-def conn(host, port):
-    try:
-        s = socket.create_connection((host, int(port)), timeout=8)
-        s.settimeout(8)
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        return "reached:" + s.recv(200).decode(errors="replace").split("\r\n")[0].replace(" ", "_")
-    except socket.timeout:
-        return "timeout"
-    except socket.gaierror:
-        return "nodns"
-    except OSError:
-        return "refused"
-for arg in sys.argv[1:]:
-    name, target = arg.split("=", 1)
-    if target.startswith("dns:"):
-        try:
-            out = "resolved:" + socket.gethostbyname(target[4:])
-        except OSError:
-            out = "nodns"
-    else:
-        host, port = target.rsplit(":", 1)
-        out = conn(host, port)
-    print("PROBE", name, out, flush=True)
-"#;
+use support::EGRESS_PROBE;
 
 const SCRIPT: &str = r#"
 result() { echo "RESULT $1 $2"; }
@@ -184,7 +157,7 @@ fn net_in_host_vm_enforces_egress_policy_and_leaves_nothing() {
             .mem_mib(4096)
             .env("WEB_PORT", web_port.to_string())
             .env("DNS_PORT", dns_port.to_string()),
-        &SCRIPT.replace("@PROBE@", PROBE),
+        &SCRIPT.replace("@PROBE@", EGRESS_PROBE),
         &["kernel", "rootfs-base"],
     )
     .unwrap_or_else(|e| {

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ipnet::Ipv4Net;
 use nlink::netlink::{Connection, Nftables, Route};
@@ -69,6 +70,8 @@ pub enum NetError {
     Cleanup(#[from] CleanupError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("the network of {0} already has its policy")]
+    AlreadyActive(String),
 }
 
 struct Inner {
@@ -78,6 +81,10 @@ struct Inner {
     pool: Mutex<VecDeque<Slot>>,
     /// Next slot number to try.
     cursor: Mutex<u32>,
+    /// A background refill of the pool is under way.
+    refilling: AtomicBool,
+    /// [`NetManager::shutdown`] ran: slots made after it are removed, not pooled.
+    closed: AtomicBool,
 }
 
 /// The host's sandbox networking.
@@ -119,6 +126,8 @@ impl NetManager {
                 host,
                 pool: Mutex::new(VecDeque::new()),
                 cursor: Mutex::new(0),
+                refilling: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
             }),
         })
     }
@@ -152,7 +161,12 @@ impl NetManager {
     pub async fn fill_pool(&self) -> Result<(), NetError> {
         while self.inner.pool.lock().await.len() < self.inner.config.pool_size {
             let slot = self.new_slot().await?;
-            self.inner.pool.lock().await.push_back(slot);
+            let mut pool = self.inner.pool.lock().await;
+            if self.inner.closed.load(Ordering::Acquire) {
+                drop(pool);
+                return Ok(slot.destroy(&self.inner.host).await?);
+            }
+            pool.push_back(slot);
         }
         Ok(())
     }
@@ -164,54 +178,99 @@ impl NetManager {
 
     /// Networking for one sandbox: a pooled slot if there is one, else a new one.
     pub async fn acquire(&self, policy: EgressPolicy) -> Result<SandboxNet, NetError> {
-        let pooled = self.inner.pool.lock().await.pop_front();
-        let slot = match pooled {
-            Some(slot) => slot,
-            None => self.new_slot().await?,
-        };
-        self.assign(slot, policy).await
+        let mut net = self.reserve().await?;
+        match self.activate(&mut net, policy).await {
+            Ok(()) => Ok(net),
+            Err(e) => {
+                self.release_quietly(net).await;
+                Err(e)
+            }
+        }
     }
 
     /// Networking for one sandbox from a slot made now (the pool is not touched).
     pub async fn acquire_fresh(&self, policy: EgressPolicy) -> Result<SandboxNet, NetError> {
-        let slot = self.new_slot().await?;
-        self.assign(slot, policy).await
-    }
-
-    async fn assign(&self, mut slot: Slot, policy: EgressPolicy) -> Result<SandboxNet, NetError> {
-        let result = async {
-            let nft = slot.nftables()?;
-            rules::apply_policy(nft.transaction(), &policy)?
-                .commit(&nft)
-                .await
-                .map_err(|e| NetError::Netlink("install the sandbox's egress policy", e))?;
-            let socket = slot
-                .dns_socket
-                .take()
-                .ok_or(NetError::Dns(std::io::Error::other(
-                    "the slot has no DNS socket",
-                )))?;
-            DnsForwarder::spawn(
-                socket,
-                Arc::new(policy),
-                self.inner.config.upstream_dns,
-                nft,
-            )
-            .map_err(NetError::Dns)
-        }
-        .await;
-        match result {
-            Ok(dns) => Ok(SandboxNet {
-                addrs: slot.addrs.clone(),
-                slot: Some(slot),
-                dns: Some(dns),
-            }),
+        let mut net = SandboxNet::reserved(self.new_slot().await?);
+        match self.activate(&mut net, policy).await {
+            Ok(()) => Ok(net),
             Err(e) => {
-                if let Err(cleanup) = slot.destroy(&self.inner.host).await {
-                    tracing::error!(error = %cleanup, "cannot remove a network slot after a failed hand-out");
-                }
+                self.release_quietly(net).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Networking whose policy is not known yet (a pre-warmed VM's): a pooled or new slot
+    /// that refuses every packet and answers no DNS until [`NetManager::activate`].
+    pub async fn reserve(&self) -> Result<SandboxNet, NetError> {
+        let pooled = self.inner.pool.lock().await.pop_front();
+        let slot = match pooled {
+            Some(slot) => {
+                self.refill_in_background();
+                slot
+            }
+            None => self.new_slot().await?,
+        };
+        Ok(SandboxNet::reserved(slot))
+    }
+
+    /// Tops the pool up on a task of its own (one at a time), off the hand-out's clock.
+    fn refill_in_background(&self) {
+        if self.inner.config.pool_size == 0
+            || tokio::runtime::Handle::try_current().is_err()
+            || self.inner.refilling.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.fill_pool().await {
+                tracing::warn!(error = %e, "cannot refill the network slot pool");
+            }
+            this.inner.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Gives reserved networking its sandbox's policy (one nftables batch) and starts its DNS
+    /// forwarder. Refused when `net` was activated before.
+    pub async fn activate(
+        &self,
+        net: &mut SandboxNet,
+        policy: EgressPolicy,
+    ) -> Result<(), NetError> {
+        if net.dns.is_some() {
+            return Err(NetError::AlreadyActive(net.addrs.netns.clone()));
+        }
+        let slot = net
+            .slot
+            .as_mut()
+            .ok_or_else(|| NetError::AlreadyActive(net.addrs.netns.clone()))?;
+        let nft = slot.nftables()?;
+        rules::apply_policy(nft.transaction(), &policy)?
+            .commit(&nft)
+            .await
+            .map_err(|e| NetError::Netlink("install the sandbox's egress policy", e))?;
+        let socket = slot
+            .dns_socket
+            .take()
+            .ok_or(NetError::Dns(std::io::Error::other(
+                "the slot has no DNS socket",
+            )))?;
+        let dns = DnsForwarder::spawn(
+            socket,
+            Arc::new(policy),
+            self.inner.config.upstream_dns,
+            nft,
+        )
+        .map_err(NetError::Dns)?;
+        net.dns = Some(dns);
+        Ok(())
+    }
+
+    /// [`NetManager::release`] for error paths: a failure is logged.
+    async fn release_quietly(&self, net: SandboxNet) {
+        if let Err(cleanup) = self.release(net).await {
+            tracing::error!(error = %cleanup, "cannot remove a network slot after a failed hand-out");
         }
     }
 
@@ -226,7 +285,11 @@ impl NetManager {
 
     /// Removes the pooled slots, and the host table when no `roost-` namespace is left.
     pub async fn shutdown(&self) -> Result<(), NetError> {
-        let slots: Vec<Slot> = self.inner.pool.lock().await.drain(..).collect();
+        let slots: Vec<Slot> = {
+            let mut pool = self.inner.pool.lock().await;
+            self.inner.closed.store(true, Ordering::Release);
+            pool.drain(..).collect()
+        };
         let mut first_error = None;
         for slot in slots {
             if let Err(e) = slot.destroy(&self.inner.host).await {
@@ -244,9 +307,9 @@ impl NetManager {
     }
 }
 
-/// One sandbox's networking. Give it back with [`NetManager::release`]; dropped without
-/// that, it still removes its namespace (the host veth then goes when the kernel frees the
-/// namespace).
+/// One sandbox's networking. Give it back with [`NetManager::release`], or drop it: dropping
+/// removes its namespace too, and the host veth goes when the kernel frees the namespace (once
+/// the VMM inside has exited), which is how a VM handle that owns it frees it.
 #[derive(Debug)]
 pub struct SandboxNet {
     addrs: SlotAddrs,
@@ -255,6 +318,19 @@ pub struct SandboxNet {
 }
 
 impl SandboxNet {
+    fn reserved(slot: Slot) -> Self {
+        Self {
+            addrs: slot.addrs.clone(),
+            slot: Some(slot),
+            dns: None,
+        }
+    }
+
+    /// Whether it has its sandbox's policy ([`NetManager::activate`]).
+    pub fn is_active(&self) -> bool {
+        self.dns.is_some()
+    }
+
     /// The namespace the VMM must run in (name under `/var/run/netns`).
     pub fn netns(&self) -> &str {
         &self.addrs.netns
@@ -291,7 +367,7 @@ impl Drop for SandboxNet {
         self.dns = None;
         if let Some(mut slot) = self.slot.take() {
             slot.dns_socket = None;
-            tracing::warn!(netns = %self.addrs.netns, "sandbox network dropped without release; removing its namespace");
+            tracing::debug!(netns = %self.addrs.netns, "sandbox network dropped; removing its namespace");
             if let Err(e) = remove_namespace(&self.addrs.netns) {
                 tracing::error!(error = %e, "cannot remove a dropped sandbox's namespace");
             }

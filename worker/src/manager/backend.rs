@@ -1,14 +1,17 @@
 //! What the manager needs from a VM, as two small traits: [`VmBackend`] restores a VM from a
-//! snapshot directory with an identity, [`SandboxVm`] snapshots and destroys it. The real
-//! implementation is [`HandleBackend`] over [`VmHandle`] (a `roost vm run --restore` child
-//! process); the manager's unit tests use an in-memory one, so the bookkeeping (states,
-//! directories, errors) is tested without KVM.
+//! snapshot directory with an identity and an egress policy, [`SandboxVm`] snapshots and
+//! destroys it. The real implementation is [`HandleBackend`] over [`VmHandle`] (a
+//! `roost vm run --restore` child process), which with sandbox networking
+//! ([`HandleBackend::net`]) starts each VMM in a network slot of its own that carries the
+//! sandbox's policy and goes away with the VM; the manager's unit tests use an in-memory one,
+//! so the bookkeeping (states, directories, errors) is tested without KVM.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use roost_net::{EgressPolicy, NetManager};
 use roost_proto::agent::IdentityRequest;
 
 use crate::vm_handle::{RestoreConfig, SeccompMode, SnapshotInfo, SnapshotKind, VmHandle};
@@ -25,13 +28,15 @@ pub trait VmBackend: Send + Sync + 'static {
     type Vm: SandboxVm;
 
     /// Restores the snapshot in `snapshot_dir` with its runtime directory at `runtime_dir`
-    /// (which must not exist; its parent does) and hands the guest `identity`. On failure
+    /// (which must not exist; its parent does) and hands the guest `identity`; its traffic
+    /// follows `egress` (a backend without networking gives the VM none at all). On failure
     /// nothing may be left in `runtime_dir`.
     fn restore(
         &self,
         snapshot_dir: &Path,
         runtime_dir: &Path,
         identity: &IdentityRequest,
+        egress: &EgressPolicy,
     ) -> impl Future<Output = Result<Self::Vm, VmFailure>> + Send;
 }
 
@@ -75,17 +80,46 @@ pub struct HandleBackend {
     /// How long a restored agent may take to take its identity.
     pub ready_timeout: Duration,
     pub seccomp: SeccompMode,
+    /// Sandbox networking: each VMM starts in a slot of its own with the sandbox's policy.
+    /// Without it VMs have no network namespace of their own and their snapshots must have no
+    /// network device.
+    pub net: Option<NetManager>,
 }
 
 impl HandleBackend {
-    /// The `roost` next to this executable, a 120 s ready timeout, enforced seccomp.
+    /// The `roost` next to this executable, a 120 s ready timeout, enforced seccomp, no
+    /// networking.
     pub fn new() -> Self {
         let defaults = RestoreConfig::new("/", "/");
         Self {
             vmm_binary: defaults.vmm_binary,
             ready_timeout: Duration::from_secs(120),
             seccomp: SeccompMode::Enforce,
+            net: None,
         }
+    }
+
+    /// The restore settings for one VM (its network namespace is set per VM).
+    pub fn restore_config(&self, snapshot_dir: &Path, runtime_dir: &Path) -> RestoreConfig {
+        let mut config = RestoreConfig::new(snapshot_dir, runtime_dir);
+        config.vmm_binary = self.vmm_binary.clone();
+        config.ready_timeout = self.ready_timeout;
+        config.seccomp = self.seccomp;
+        config
+    }
+
+    /// Gives a VM restored in reserved networking (a warm clone's) its sandbox's policy.
+    pub async fn activate_network(
+        &self,
+        vm: &mut VmHandle,
+        egress: &EgressPolicy,
+    ) -> Result<(), VmFailure> {
+        if let (Some(net), Some(network)) = (&self.net, vm.network_mut())
+            && !network.is_active()
+        {
+            net.activate(network, egress.clone()).await?;
+        }
+        Ok(())
     }
 }
 
@@ -103,12 +137,18 @@ impl VmBackend for HandleBackend {
         snapshot_dir: &Path,
         runtime_dir: &Path,
         identity: &IdentityRequest,
+        egress: &EgressPolicy,
     ) -> Result<VmHandle, VmFailure> {
-        let mut config = RestoreConfig::new(snapshot_dir, runtime_dir);
-        config.vmm_binary = self.vmm_binary.clone();
-        config.ready_timeout = self.ready_timeout;
-        config.seccomp = self.seccomp;
-        Ok(VmHandle::restore(config, identity).await?)
+        let mut config = self.restore_config(snapshot_dir, runtime_dir);
+        let Some(net) = &self.net else {
+            return Ok(VmHandle::restore(config, identity).await?);
+        };
+        // The policy is in force before the guest runs; a failed restore drops (removes) it.
+        let network = net.acquire(egress.clone()).await?;
+        config.netns = Some(network.netns().to_owned());
+        let mut vm = VmHandle::restore(config, identity).await?;
+        vm.attach_network(network);
+        Ok(vm)
     }
 }
 

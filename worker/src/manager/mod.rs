@@ -20,10 +20,12 @@
 //! operations on one sandbox; the refusal guards against a retry racing the original).
 //!
 //! Each VM writes to its own copy-on-write overlay of the template's disk (in its runtime
-//! directory); snapshots save it as disk layers. Seams for what is not wired yet: the VMM is not
-//! jailed and has no network namespace (the containment work plugs in at [`VmBackend`]);
-//! cgroups are optional ([`SandboxManager::with_cgroups`]) and the VMM joins its group right
-//! after it starts.
+//! directory); snapshots save it as disk layers. Every restore carries the sandbox's egress
+//! policy (`allow_internet`, `allow_out`, `deny_out`, refused up front when malformed); a
+//! backend with networking ([`HandleBackend::net`]) runs the VMM in a network slot of its own
+//! that enforces it. Seams for what is not wired yet: the VMM is not jailed (the jailer plugs in
+//! at [`VmBackend`]); cgroups are optional ([`SandboxManager::with_cgroups`]) and the VMM joins
+//! its group right after it starts.
 
 mod backend;
 mod metrics;
@@ -36,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use roost_net::{EgressPolicy, PolicyError};
 use roost_proto::SandboxId;
 use roost_proto::agent::IdentityRequest;
 use roost_proto::control::{
@@ -134,15 +137,18 @@ pub enum ManagerError {
     },
     #[error("sandbox cgroup")]
     Cgroup(#[from] CgroupError),
+    #[error("invalid egress policy")]
+    Egress(#[from] PolicyError),
 }
 
 impl ManagerError {
     /// The protocol's kind for this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::InvalidId(_) | Self::InvalidSnapshotId(_) | Self::BuiltInTemplate(_) => {
-                ErrorKind::InvalidRequest
-            }
+            Self::InvalidId(_)
+            | Self::InvalidSnapshotId(_)
+            | Self::BuiltInTemplate(_)
+            | Self::Egress(_) => ErrorKind::InvalidRequest,
             Self::UnknownSandbox(_) => ErrorKind::UnknownSandbox,
             Self::UnknownTemplate(_) => ErrorKind::UnknownTemplate,
             Self::AlreadyExists(_)
@@ -181,6 +187,11 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
         path,
         source,
     }
+}
+
+/// The egress policy control asked for (`allow_internet_access`, `allowOut`, `denyOut`).
+fn egress_policy(spec: &CreateSandbox) -> Result<EgressPolicy, PolicyError> {
+    EgressPolicy::parse(spec.allow_internet, &spec.allow_out, &spec.deny_out)
 }
 
 /// The sandbox's size as control asked for it (the VM's own shape is its template's).
@@ -480,10 +491,11 @@ impl<B: VmBackend> SandboxManager<B> {
     ) -> Result<Running<B::Vm>, ManagerError> {
         let id = spec.sandbox_id.as_str();
         let identity = Self::identity(spec)?;
+        let egress = egress_policy(spec)?;
         let runtime_dir = self.runtime_dir(id);
         let restored = self
             .backend
-            .restore(snapshot, &runtime_dir, &identity)
+            .restore(snapshot, &runtime_dir, &identity, &egress)
             .await;
         let vm = match restored {
             Ok(vm) => Arc::new(vm),

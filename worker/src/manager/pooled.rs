@@ -11,12 +11,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use roost_net::EgressPolicy;
 use roost_proto::agent::IdentityRequest;
 
 use super::backend::{HandleBackend, VmBackend, VmFailure};
 use crate::pool::{ClonePool, HandleSource, PoolConfig, PoolError, PoolStats};
 use crate::template::{META_FILE, TemplateMeta};
-use crate::vm_handle::{RestoreConfig, VmHandle};
+use crate::vm_handle::VmHandle;
 
 /// How many warm clones to keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,11 +65,11 @@ impl PooledBackend {
         let share = plan.memory_budget_mib / u64::try_from(templates.len()).unwrap_or(u64::MAX);
         let mut pools = self.pools();
         for (id, snapshot_dir) in templates {
-            let mut restore = RestoreConfig::new(snapshot_dir, plan.runtime_root.join("unused"));
-            restore.vmm_binary = self.inner.vmm_binary.clone();
-            restore.ready_timeout = self.inner.ready_timeout;
-            restore.seccomp = self.inner.seccomp;
-            let source = HandleSource::new(restore, &plan.runtime_root, id.clone());
+            let restore = self
+                .inner
+                .restore_config(snapshot_dir, &plan.runtime_root.join("unused"));
+            let source = HandleSource::new(restore, &plan.runtime_root, id.clone())
+                .with_network(self.inner.net.clone());
             let config = PoolConfig {
                 template: id.clone(),
                 target: plan.per_template,
@@ -122,16 +123,22 @@ impl VmBackend for PooledBackend {
         snapshot_dir: &Path,
         runtime_dir: &Path,
         identity: &IdentityRequest,
+        egress: &EgressPolicy,
     ) -> Result<VmHandle, VmFailure> {
         let pool = self.pools().get(snapshot_dir).cloned();
         let Some(pool) = pool else {
             return self
                 .inner
-                .restore(snapshot_dir, runtime_dir, identity)
+                .restore(snapshot_dir, runtime_dir, identity, egress)
                 .await;
         };
-        let taken = pool.take(identity).await?;
+        let mut taken = pool.take(identity).await?;
         tracing::debug!(from_pool = taken.from_pool, "sandbox VM from the pool");
+        // Pool clones wait in networking that refuses everything until now; a failure drops
+        // (kills) the clone and its network.
+        self.inner
+            .activate_network(&mut taken.clone, egress)
+            .await?;
         Ok(taken.clone)
     }
 }

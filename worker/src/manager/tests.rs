@@ -19,6 +19,7 @@ struct SnapshotCall {
 #[derive(Debug, Default)]
 struct Log {
     restores: Vec<(PathBuf, IdentityRequest)>,
+    egress: Vec<EgressPolicy>,
     snapshots: Vec<SnapshotCall>,
     resumes: usize,
     destroyed: usize,
@@ -51,7 +52,9 @@ impl VmBackend for Fake {
         snapshot_dir: &Path,
         runtime_dir: &Path,
         identity: &IdentityRequest,
+        egress: &EgressPolicy,
     ) -> Result<FakeVm, VmFailure> {
+        self.log().egress.push(egress.clone());
         assert!(
             snapshot_dir.join(SNAPSHOT_STATE_FILE).is_file(),
             "restoring from a real snapshot: {}",
@@ -244,6 +247,37 @@ fn state_of(manager: &SandboxManager<Fake>, id: &str) -> Option<WorkerSandboxSta
 }
 
 const ID: &str = "cl-abc123";
+
+#[tokio::test]
+async fn every_restore_carries_the_egress_policy_and_a_malformed_one_is_refused_up_front() {
+    let s = setup();
+    let m = s.manager();
+    let mut open = spec(ID, "base");
+    open.allow_internet = true;
+    open.allow_out = vec!["10.1.0.0/16".into(), "*.pypi.org".into()];
+    open.deny_out = vec!["0.0.0.0/0".into()];
+    m.create(&open).await.unwrap();
+    m.pause(ID).await.unwrap();
+    m.resume(&open).await.unwrap();
+    let want = EgressPolicy::parse(true, &open.allow_out, &open.deny_out).unwrap();
+    assert_eq!(
+        s.fake.log().egress,
+        vec![want.clone(), want],
+        "create and resume"
+    );
+
+    let mut bad = spec("cl-bad1", "base");
+    bad.deny_out = vec!["not a host!".into()];
+    let error = m.create(&bad).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::InvalidRequest, "{error}");
+    assert!(
+        WorkerError::from(error).message.contains("not a host!"),
+        "the entry is named"
+    );
+    assert_eq!(s.fake.log().egress.len(), 2, "nothing restored");
+    assert_eq!(state_of(&m, "cl-bad1"), None, "nothing held");
+    assert_eq!(s.runtime_entries(), [ID]);
+}
 
 #[tokio::test]
 async fn create_restores_the_template_with_the_sandboxes_identity_and_kill_removes_it_all() {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use roost_net::{NetManager, SandboxNet};
 use roost_proto::agent::IdentityRequest;
 
 use super::PoolError;
@@ -36,7 +37,9 @@ pub trait CloneSource: Send + Sync + 'static {
 }
 
 /// Clones restored by `roost vm run --restore` processes ([`VmHandle`]), each in its own
-/// runtime directory `<runtime_root>/pool-<template>-<n>`.
+/// runtime directory `<runtime_root>/pool-<template>-<n>`. With networking, each clone waits
+/// in reserved networking of its own (a slot that refuses everything) that the taker gives
+/// the sandbox's policy.
 #[derive(Debug)]
 pub struct HandleSource {
     /// The restore settings shared by every clone (its `runtime_dir` is replaced per clone).
@@ -45,6 +48,7 @@ pub struct HandleSource {
     template: String,
     identity_timeout: Duration,
     next: AtomicU64,
+    net: Option<NetManager>,
 }
 
 impl HandleSource {
@@ -61,7 +65,28 @@ impl HandleSource {
             runtime_root: runtime_root.into(),
             template: template.into(),
             next: AtomicU64::new(0),
+            net: None,
         }
+    }
+
+    /// Restores every clone in reserved networking from `net` (none: no network namespace).
+    pub fn with_network(mut self, net: Option<NetManager>) -> Self {
+        self.net = net;
+        self
+    }
+
+    /// Reserved networking for one clone, and its settings pointing into it.
+    async fn prepare(&self) -> Result<(RestoreConfig, Option<SandboxNet>), PoolError> {
+        let mut config = self.config();
+        let Some(net) = &self.net else {
+            return Ok((config, None));
+        };
+        let network = net
+            .reserve()
+            .await
+            .map_err(|e| PoolError::Restore(Box::new(e)))?;
+        config.netns = Some(network.netns().to_owned());
+        Ok((config, Some(network)))
     }
 
     fn config(&self) -> RestoreConfig {
@@ -78,9 +103,11 @@ impl CloneSource for HandleSource {
     type Clone = VmHandle;
 
     async fn restore_warm(&self) -> Result<VmHandle, PoolError> {
-        VmHandle::restore_warm(self.config())
+        let (config, network) = self.prepare().await?;
+        let vm = VmHandle::restore_warm(config)
             .await
-            .map_err(|e| PoolError::Restore(Box::new(e)))
+            .map_err(|e| PoolError::Restore(Box::new(e)))?;
+        Ok(with_network(vm, network))
     }
 
     async fn identify(
@@ -95,12 +122,22 @@ impl CloneSource for HandleSource {
     }
 
     async fn restore_identified(&self, identity: &IdentityRequest) -> Result<VmHandle, PoolError> {
-        VmHandle::restore(self.config(), identity)
+        let (config, network) = self.prepare().await?;
+        let vm = VmHandle::restore(config, identity)
             .await
-            .map_err(|e| PoolError::Restore(Box::new(e)))
+            .map_err(|e| PoolError::Restore(Box::new(e)))?;
+        Ok(with_network(vm, network))
     }
 
     fn is_alive(&self, clone: &VmHandle) -> bool {
         clone.exit().is_none()
     }
+}
+
+/// `vm` owning `network` (removed with it).
+fn with_network(mut vm: VmHandle, network: Option<SandboxNet>) -> VmHandle {
+    if let Some(network) = network {
+        vm.attach_network(network);
+    }
+    vm
 }

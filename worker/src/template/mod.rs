@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use ready::ReadyCheck;
 
 use crate::vm_handle::{
-    BootError, RootfsMode, SeccompMode, SnapshotInfo, SnapshotKind, VmError, VmHandle,
-    VmHandleConfig,
+    BootError, NetAttachment, RootfsMode, SeccompMode, SnapshotInfo, SnapshotKind, VmError,
+    VmHandle, VmHandleConfig,
 };
 
 /// Cache kind of templates.
@@ -63,6 +63,15 @@ impl TemplateName {
     /// Its own index name.
     pub fn index_name(self) -> String {
         format!("template-{}", self.as_str())
+    }
+
+    /// The index name of its build with (`template-<name>-net`) or without a network device.
+    pub fn index_name_for(self, network: bool) -> String {
+        if network {
+            format!("template-{}-net", self.as_str())
+        } else {
+            self.index_name()
+        }
     }
 }
 
@@ -102,6 +111,10 @@ pub struct TemplateSpec {
     /// Where the build VM's runtime directory goes.
     pub runtime_root: PathBuf,
     pub seccomp: SeccompMode,
+    /// Boot it with a virtio-net device (on a tap in a namespace of its own, which nothing
+    /// leaves), so that sandboxes restored from it attach to their own slot's tap: the
+    /// template a worker with sandbox networking (`roost serve worker --net`) offers.
+    pub network: bool,
 }
 
 impl TemplateSpec {
@@ -135,7 +148,13 @@ impl TemplateSpec {
             ready_timeout: Duration::from_secs(300),
             runtime_root,
             seccomp: SeccompMode::Enforce,
+            network: false,
         })
+    }
+
+    /// Its index name (see [`TemplateName::index_name_for`]).
+    pub fn index_name(&self) -> String {
+        self.name.index_name_for(self.network)
     }
 
     /// The key of every input that shapes the snapshot.
@@ -146,6 +165,7 @@ impl TemplateSpec {
             "mem_mib": self.mem_mib,
             "start_command": self.start_command,
             "ready_check": self.ready_check,
+            "network": self.network,
         });
         let mut key = CacheKeyBuilder::new(CACHE_KIND);
         key.add("name", self.name.as_str().as_bytes())
@@ -169,6 +189,9 @@ pub struct TemplateMeta {
     pub build_ms: u64,
     pub memory_pages_written: u64,
     pub snapshot_paused_ms: u64,
+    /// Built with a network device ([`TemplateSpec::network`]).
+    #[serde(default)]
+    pub network: bool,
 }
 
 /// A built template.
@@ -181,9 +204,13 @@ pub struct Template {
     pub meta: Option<TemplateMeta>,
 }
 
-/// The current template called `name`, from the index.
-pub fn lookup(index: &ArtefactIndex, name: TemplateName) -> Result<Template, TemplateError> {
-    let artefact = index.lookup(&name.index_name())?;
+/// The current template called `name`, with or without a network device, from the index.
+pub fn lookup(
+    index: &ArtefactIndex,
+    name: TemplateName,
+    network: bool,
+) -> Result<Template, TemplateError> {
+    let artefact = index.lookup(&name.index_name_for(network))?;
     let meta = artefact
         .path
         .parent()
@@ -213,7 +240,7 @@ pub async fn build(cache: &Cache, spec: &TemplateSpec) -> Result<Built, Template
     .map_err(|e| TemplateError::Join(e.to_string()))??;
     let snapshot_dir = dir.join(SNAPSHOT_DIR);
     let artefact = Artefact {
-        name: spec.name.index_name(),
+        name: spec.index_name(),
         size_bytes: allocated_bytes(&snapshot_dir),
         path: snapshot_dir,
         key: key.as_str().to_owned(),
@@ -233,6 +260,12 @@ async fn boot_and_snapshot(spec: &TemplateSpec, staging: &Path) -> Result<(), Te
     let runtime_dir =
         spec.runtime_root
             .join(format!("template-{}-{}", spec.name, std::process::id()));
+    // Dropped (removed) after the VM: declared first.
+    let isolated = if spec.network {
+        Some(roost_net::IsolatedTap::create().map_err(TemplateError::Network)?)
+    } else {
+        None
+    };
     let mut config = VmHandleConfig::new(&spec.kernel.path, &spec.rootfs.path, runtime_dir);
     config.vmm_binary = spec.vmm_binary.clone();
     config.cpus = spec.cpus;
@@ -242,6 +275,10 @@ async fn boot_and_snapshot(spec: &TemplateSpec, staging: &Path) -> Result<(), Te
     config.control_api = true;
     // Clones get their own writable disk from the template's overlay layer.
     config.rootfs_mode = RootfsMode::Overlay;
+    config.net = isolated.as_ref().map(|ns| NetAttachment {
+        netns: ns.netns().to_owned(),
+        tap: ns.tap_name().to_owned(),
+    });
     let vm = VmHandle::boot(config).await?;
     tracing::info!(template = %spec.name, ms = vm.boot_to_ready().as_millis(), "template VM ready");
     if let Some(command) = &spec.start_command {
@@ -268,6 +305,7 @@ async fn boot_and_snapshot(spec: &TemplateSpec, staging: &Path) -> Result<(), Te
         build_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         memory_pages_written: info.memory_pages_written,
         snapshot_paused_ms: info.paused_ms,
+        network: spec.network,
     };
     let meta_path = staging.join(META_FILE);
     let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
@@ -318,6 +356,8 @@ pub enum TemplateError {
     },
     #[error("the build task failed: {0}")]
     Join(String),
+    #[error("cannot make the template VM's network namespace (this needs root)")]
+    Network(#[source] roost_net::slot::SlotError),
 }
 
 #[cfg(test)]
@@ -348,6 +388,7 @@ mod tests {
             ready_timeout: Duration::from_secs(10),
             runtime_root: dir.to_owned(),
             seccomp: SeccompMode::Enforce,
+            network: false,
         }
     }
 
@@ -373,6 +414,9 @@ mod tests {
         let mut s = spec(dir.path());
         s.name = TemplateName::CodeInterpreter;
         changed.push(s);
+        let mut s = spec(dir.path());
+        s.network = true;
+        changed.push(s);
         for s in changed {
             assert_ne!(s.cache_key().unwrap(), key, "{s:?}");
         }
@@ -394,6 +438,11 @@ mod tests {
         );
         assert!("nope".parse::<TemplateName>().unwrap_err().contains("base"));
         assert_eq!(TemplateName::Base.index_name(), "template-base");
+        assert_eq!(TemplateName::Base.index_name_for(false), "template-base");
+        assert_eq!(
+            TemplateName::CodeInterpreter.index_name_for(true),
+            "template-code-interpreter-net"
+        );
         assert_eq!(TemplateName::Base.image_index_name(), "rootfs-base");
     }
 
@@ -409,7 +458,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("roost images build"), "{error}");
-        let error = lookup(&ArtefactIndex::new(&cache), TemplateName::Base).unwrap_err();
+        let error = lookup(&ArtefactIndex::new(&cache), TemplateName::Base, false).unwrap_err();
         assert!(error.to_string().contains("template-base"), "{error}");
+        let error = lookup(&ArtefactIndex::new(&cache), TemplateName::Base, true).unwrap_err();
+        assert!(error.to_string().contains("template-base-net"), "{error}");
     }
 }

@@ -74,6 +74,16 @@ pub struct VmHandleConfig {
     /// Serve the VMM's control API (`--api-socket`) so that the handle can pause, resume and
     /// snapshot the VM. Off by default: with it the VMM keeps dirty-page logging on.
     pub control_api: bool,
+    /// Give the VM a virtio-net device on this tap, with the VMM started in its namespace.
+    pub net: Option<NetAttachment>,
+}
+
+/// Where a VM's network device attaches: a tap in a named network namespace
+/// (`/var/run/netns/<netns>`, e.g. a `roost_net` slot), which the VMM is started in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetAttachment {
+    pub netns: String,
+    pub tap: String,
 }
 
 impl VmHandleConfig {
@@ -96,6 +106,7 @@ impl VmHandleConfig {
             ready_timeout: Duration::from_secs(60),
             seccomp: SeccompMode::Enforce,
             control_api: false,
+            net: None,
         }
     }
 
@@ -138,6 +149,9 @@ pub struct RestoreConfig {
     pub seccomp: SeccompMode,
     /// How guest memory comes back.
     pub memory: RestoreMemory,
+    /// The network namespace (`/var/run/netns/<name>`) the VMM starts in. A snapshot with a
+    /// network device reattaches to the tap of the saved name there, so it must hold one.
+    pub netns: Option<String>,
 }
 
 /// How a restored VM's memory comes back.
@@ -193,6 +207,7 @@ impl RestoreConfig {
             ready_timeout: Duration::from_secs(60),
             seccomp: SeccompMode::Enforce,
             memory: RestoreMemory::Map,
+            netns: None,
         }
     }
 

@@ -40,14 +40,15 @@ use nix::sys::signal::Signal;
 use roost_agent_client::{
     AgentClient, Connector, Exec, ExecRequest, Output, ReadyError, ReadyListener, exec_argv,
 };
+use roost_net::SandboxNet;
 use roost_proto::agent::{Hello, IdentityRequest};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::task::JoinHandle;
 use vmm_api::ApiRequest;
 
 pub use config::{
-    ConfigError, PagerOptions, RestoreConfig, RestoreMemory, RootfsMode, SNAPSHOT_STATE_FILE,
-    SeccompMode, VmHandleConfig, default_vmm_binary,
+    ConfigError, NetAttachment, PagerOptions, RestoreConfig, RestoreMemory, RootfsMode,
+    SNAPSHOT_STATE_FILE, SeccompMode, VmHandleConfig, default_vmm_binary,
 };
 pub use restore::IdentityError;
 pub use runtime_dir::{
@@ -80,6 +81,8 @@ pub struct VmHandle {
     boot_to_ready: Duration,
     /// The VMM's control API, when it serves one.
     api_socket: Option<PathBuf>,
+    /// The sandbox network the VMM runs in, removed after the VMM is reaped (last field).
+    network: Option<SandboxNet>,
 }
 
 impl VmHandle {
@@ -152,6 +155,7 @@ impl VmHandle {
             runtime_dir,
             hello,
             boot_to_ready,
+            network: None,
         })
     }
 
@@ -257,7 +261,24 @@ impl VmHandle {
             runtime_dir,
             hello,
             boot_to_ready,
+            network: None,
         })
+    }
+
+    /// Makes `network` (the namespace the VMM was started in, [`RestoreConfig::netns`]) part of
+    /// this VM: it is removed with it.
+    pub fn attach_network(&mut self, network: SandboxNet) {
+        self.network = Some(network);
+    }
+
+    /// The sandbox network the VMM runs in, if one was attached.
+    pub fn network(&self) -> Option<&SandboxNet> {
+        self.network.as_ref()
+    }
+
+    /// The same, to give it its policy ([`roost_net::NetManager::activate`]).
+    pub fn network_mut(&mut self) -> Option<&mut SandboxNet> {
+        self.network.as_mut()
     }
 
     /// The agent's hello (versions, hostname).
@@ -504,7 +525,19 @@ fn vmm_command(
     if config.control_api {
         command.arg("--api-socket").arg(dir.api_socket());
     }
+    if let Some(net) = &config.net {
+        command.arg("--net-tap").arg(&net.tap);
+        enter_netns(&mut command, &net.netns)?;
+    }
     Ok(command)
+}
+
+/// Makes `command` start in the network namespace `name`.
+fn enter_netns(command: &mut Command, name: &str) -> Result<(), BootError> {
+    roost_net::netns::command_in(name, command).map_err(|source| BootError::Netns {
+        netns: name.to_owned(),
+        source,
+    })
 }
 
 /// `roost vm run --restore` for `config`, logging into `dir`, with the control API on.
@@ -535,6 +568,9 @@ fn restore_command(config: &RestoreConfig, dir: &RuntimeDir) -> Result<Command, 
         command
             .args(["--memory-backend", "uffd", "--pager-socket"])
             .arg(dir.pager_socket());
+    }
+    if let Some(netns) = &config.netns {
+        enter_netns(&mut command, netns)?;
     }
     Ok(command)
 }
@@ -596,6 +632,12 @@ pub enum BootError {
     VmmExited { exit: VmmExit, log: String },
     #[error("the agent did not announce itself within {timeout:?}; the VMM was killed\n{log}")]
     ReadyTimeout { timeout: Duration, log: String },
+    #[error("cannot start the VMM in network namespace {netns}")]
+    Netns {
+        netns: String,
+        #[source]
+        source: roost_net::netns::NetnsError,
+    },
     #[error("the page server did not start listening on {}: {detail}", socket.display())]
     PagerStart { socket: PathBuf, detail: String },
     #[error("the restored agent did not take its identity; the VMM was killed\n{log}")]

@@ -21,6 +21,36 @@ pub const ADMIN_EMAIL: &str = "ops@example.com";
 pub const ADMIN_PASSWORD: &str = "correct-horse-battery";
 /// How long a process may take to print an expected line or to exit after SIGTERM.
 pub const WAIT: Duration = Duration::from_secs(90);
+/// The guest-side egress probe (Python, run in a sandbox): `name=host:port` tries a TCP
+/// connection (sending an HTTP request, reading the first line back); `name=dns:host` resolves
+/// a name. One `PROBE name outcome` line each: `reached:<first line>`, `refused`, `timeout`,
+/// `resolved:<addr>` or `nodns`.
+pub const EGRESS_PROBE: &str = r#"
+import socket, sys
+def conn(host, port):
+    try:
+        s = socket.create_connection((host, int(port)), timeout=8)
+        s.settimeout(8)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return "reached:" + s.recv(200).decode(errors="replace").split("\r\n")[0].replace(" ", "_")
+    except socket.timeout:
+        return "timeout"
+    except socket.gaierror:
+        return "nodns"
+    except OSError:
+        return "refused"
+for arg in sys.argv[1:]:
+    name, target = arg.split("=", 1)
+    if target.startswith("dns:"):
+        try:
+            out = "resolved:" + socket.gethostbyname(target[4:])
+        except OSError:
+            out = "nodns"
+    else:
+        host, port = target.rsplit(":", 1)
+        out = conn(host, port)
+    print("PROBE", name, out, flush=True)
+"#;
 /// What `roost serve control` prints once its REST API listens.
 const CONTROL_READY: &str = "roost control: REST API on http://";
 

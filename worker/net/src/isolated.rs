@@ -1,0 +1,71 @@
+//! A namespace holding only the guest's tap, for VMs that need a network device but no
+//! network: a template is booted in one so that its snapshot carries the virtio-net device
+//! (and the guest's configured `eth0`) that every sandbox restored from it attaches to its own
+//! slot's tap of the same name. Nothing leaves the namespace: no veth, no route, no rules.
+//!
+//! Named `roost-i<pid>-<n>`, so [`crate::remove_stale`] removes one a crashed build left.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nlink::netlink::namespace;
+use nlink::tuntap::{Mode, TunTap};
+
+use crate::addr::{PREFIX, TAP_NAME};
+use crate::netns;
+use crate::slot::{SlotError, remove_namespace};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The namespace; removed when dropped.
+#[derive(Debug)]
+pub struct IsolatedTap {
+    name: String,
+}
+
+impl IsolatedTap {
+    /// Creates the namespace and its persistent, up tap [`TAP_NAME`].
+    pub fn create() -> Result<Self, SlotError> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}i{}-{n}", std::process::id());
+        let _ = remove_namespace(&name);
+        namespace::create(&name).map_err(|source| SlotError::Netlink {
+            what: "create the namespace",
+            netns: name.clone(),
+            source,
+        })?;
+        let this = Self { name };
+        netns::run_in(&this.name, || {
+            TunTap::builder()
+                .name(TAP_NAME)
+                .mode(Mode::Tap)
+                .no_pi(true)
+                .persistent(true)
+                .create()
+                .map(drop)
+        })?
+        .map_err(|e| SlotError::Io {
+            what: "create the tap",
+            netns: this.name.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(this)
+    }
+
+    /// The namespace's name (under `/var/run/netns`).
+    pub fn netns(&self) -> &str {
+        &self.name
+    }
+
+    /// The tap inside, for `roost vm run --net-tap`.
+    pub fn tap_name(&self) -> &'static str {
+        TAP_NAME
+    }
+}
+
+impl Drop for IsolatedTap {
+    fn drop(&mut self) {
+        if let Err(e) = remove_namespace(&self.name) {
+            tracing::warn!(netns = %self.name, error = %e, "cannot remove an isolated tap namespace");
+        }
+    }
+}
