@@ -78,19 +78,31 @@ worker() { # N [ARGS...]
       --ready-timeout 240 --max-backoff 5s --net --net-upstream-dns 10.0.2.3:53 --net-pool 1 \
       "$@" > /tmp/worker$n.out 2>/tmp/worker$n.err &
 }
+logs() {
+  sed 's/^/WORKER-OUT /' /tmp/worker*.out
+  sed 's/^/WORKER1-ERR /' /tmp/worker1.err | tail -n 150
+  sed 's/^/WORKER2-ERR /' /tmp/worker2.err 2>/dev/null | tail -n 80
+  sed 's/^/BUILD-ERR /' /tmp/build.err | tail -n 30
+  for f in /tmp/probe-*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
+}
 # The test's word on its signal port: `wait`, or `probe NAME=ID...` once sandboxes run.
 phase() { wget -q -O - http://10.0.2.2:$SIGNAL_PORT/$1 2>/dev/null; }
-await() { # WORD: waits until the phase starts with WORD, then prints it
+await() { # WORD: waits until the phase starts with WORD, then sets PHASE to it
   i=0
-  until p=$(phase) && [ "${p%% *}" = "$1" ]; do
+  until PHASE=$(phase) && [ "${PHASE%% *}" = "$1" ]; do
+    # `done` before its turn: the test gave up; stop everything and show why.
+    [ "$PHASE" = done ] && { result aborted-at $1; kill -9 $W 2>/dev/null; logs; exit 1; }
     i=$((i+1)); [ $i -gt 2400 ] && { result signal-$1 timeout; return; }
     sleep 1
   done
-  echo "$p"
+}
+dir_of() { # ID: the runtime directory the worker logged for sandbox ID (a pool hit's is a pool-* one)
+  cat /tmp/worker*.err | grep 'sandbox VM running' | grep "sandbox=\"$1\"" | tail -n 1 \
+    | sed 's/.*runtime_dir=\([^ ]*\).*/\1/'
 }
 probe() { # NAME ID PROBES...: runs the probe in sandbox ID, one RESULT NAME-PROBE each
   name=$1 id=$2; shift 2
-  timeout 150 roost-agent-ctl --vsock-uds $RT/$id/vsock.sock exec -- python3 -c "$(cat /tmp/probe.py)" "$@" \
+  timeout 150 roost-agent-ctl --vsock-uds "$(dir_of $id)/vsock.sock" exec -- python3 -c "$(cat /tmp/probe.py)" "$@" \
     > /tmp/probe-$name.out 2>/tmp/probe-$name.err
   result $name-exit $?
   grep '^PROBE ' /tmp/probe-$name.out | while read _ n o; do result $name-$n "$o"; done
@@ -98,18 +110,18 @@ probe() { # NAME ID PROBES...: runs the probe in sandbox ID, one RESULT NAME-PRO
 ids() { for kv in $1; do case $kv in $2=*) echo ${kv#*=};; esac; done; }
 worker 1
 W=$!
-P=$(await probe)
-A=$(ids "$P" a) B=$(ids "$P" b) C=$(ids "$P" c)
+await probe
+A=$(ids "$PHASE" a) B=$(ids "$PHASE" b) C=$(ids "$PHASE" c)
 result netns-running "$(roost net list | grep -c '^netns ')"
 probe a $A web=$WEB control=$CONTROL meta=169.254.169.254:80 worker=10.0.2.15:7000 \
   peer1=10.213.0.1:7000 peer2=10.213.0.2:53 peer5=10.213.0.5:7000 peer6=10.213.0.6:53
 probe b $B web=$WEB meta=169.254.169.254:80
 probe c $C web=$WEB control=$CONTROL
 phase probed > /dev/null
-P=$(await reprobe)
+await reprobe
 probe a2 $A web=$WEB control=$CONTROL
 phase reprobed > /dev/null
-await crash > /dev/null
+await crash
 result running-vmms "$(roost_procs | wc -l)"
 kill -9 $W
 wait $W 2>/dev/null
@@ -129,11 +141,12 @@ until [ "$(roost net list | grep -c '^netns ')" = 2 ] || [ $i -gt 60 ]; do i=$((
 result restart-netns "$(roost net list | grep -c '^netns ')"
 roost net list | sed 's/^/RESTART-LIST /'
 phase rejoined > /dev/null
-P=$(await pooled)
-D=$(ids "$P" d)
+await pooled
+D=$(ids "$PHASE" d)
+result d-pooled "$(dir_of $D | grep -c /pool-)"
 probe d $D web=$WEB control=$CONTROL
 phase probed-d > /dev/null
-await done > /dev/null
+await done
 kill -TERM $W
 i=0
 while kill -0 $W 2>/dev/null; do
@@ -146,11 +159,7 @@ result leftover-net "$(roost net list | wc -l)"
 roost net list | sed 's/^/LEFTOVER /'
 result leftover-procs "$(roost_procs | wc -l)"
 result leftover-files "$(find $RT -mindepth 1 | wc -l)"
-sed 's/^/WORKER-OUT /' /tmp/worker1.out /tmp/worker2.out
-sed 's/^/WORKER1-ERR /' /tmp/worker1.err | tail -n 120
-sed 's/^/WORKER2-ERR /' /tmp/worker2.err | tail -n 80
-sed 's/^/BUILD-ERR /' /tmp/build.err | tail -n 30
-for f in /tmp/probe-*.err; do sed "s|^|STDERR $(basename $f .err): |" "$f"; done
+logs
 "#;
 
 /// This machine's first non-loopback IPv4 address: the host VM reaches it through QEMU's user
@@ -480,6 +489,11 @@ fn worker_net_in_host_vm_enforces_each_sandboxs_egress_policy() {
             "restart-netns",
             "2",
             "a restart removes the dead worker's namespaces: one ready slot and the warm clone's are left",
+        ),
+        (
+            "d-pooled",
+            "1",
+            "D is a pool hit (a warm clone's directory)",
         ),
         ("d-exit", "0", "the probe ran in D"),
         ("d-web", reached, "a pool hit gets its own allowOut"),

@@ -24,6 +24,10 @@ pub const GUEST_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 pub const GUEST_PREFIX_LEN: u8 = 30;
 /// The guest's MAC (locally administered, unicast); every sandbox uses the same one.
 pub const GUEST_MAC: [u8; 6] = [0x06, 0x00, 0xa9, 0xfe, 0x00, 0x02];
+/// The tap's MAC, the guest's gateway (the same in every namespace): a guest keeps its ARP
+/// entry for the gateway across a pause, a snapshot and a restore into another namespace, so
+/// a tap with a new random MAC would silently drop everything it sends.
+pub const GATEWAY_MAC: [u8; 6] = [0x06, 0x00, 0xa9, 0xfe, 0x00, 0x01];
 /// The tap device inside each namespace.
 pub const TAP_NAME: &str = "tap0";
 /// The namespace's end of the veth pair.

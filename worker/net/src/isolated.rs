@@ -1,4 +1,4 @@
-//! A namespace holding only the guest's tap, for VMs that need a network device but no
+//! A namespace holding only the guest's tap (up, with the gateway's MAC, no address), for VMs that need a network device but no
 //! network: a template is booted in one so that its snapshot carries the virtio-net device
 //! (and the guest's configured `eth0`) that every sandbox restored from it attaches to its own
 //! slot's tap of the same name. Nothing leaves the namespace: no veth, no route, no rules.
@@ -7,10 +7,13 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use std::os::fd::AsFd;
+
 use nlink::netlink::namespace;
+use nlink::netlink::{Connection, Route};
 use nlink::tuntap::{Mode, TunTap};
 
-use crate::addr::{PREFIX, TAP_NAME};
+use crate::addr::{GATEWAY_MAC, PREFIX, TAP_NAME};
 use crate::netns;
 use crate::slot::{SlotError, remove_namespace};
 
@@ -23,8 +26,9 @@ pub struct IsolatedTap {
 }
 
 impl IsolatedTap {
-    /// Creates the namespace and its persistent, up tap [`TAP_NAME`].
-    pub fn create() -> Result<Self, SlotError> {
+    /// Creates the namespace and its persistent, up tap [`TAP_NAME`] with the gateway's MAC
+    /// (which the guest may remember).
+    pub async fn create() -> Result<Self, SlotError> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{PREFIX}i{}-{n}", std::process::id());
         let _ = remove_namespace(&name);
@@ -48,6 +52,28 @@ impl IsolatedTap {
             netns: this.name.clone(),
             source: std::io::Error::other(e),
         })?;
+        let nl = |what: &'static str| {
+            let netns = this.name.clone();
+            move |source| SlotError::Netlink {
+                what,
+                netns,
+                source,
+            }
+        };
+        let ns_file =
+            std::fs::File::open(netns::path(&this.name)).map_err(|source| SlotError::Io {
+                what: "open the namespace",
+                netns: this.name.clone(),
+                source,
+            })?;
+        let ns: Connection<Route> =
+            Connection::new_in(ns_file.as_fd()).map_err(nl("open netlink"))?;
+        ns.set_link_address(TAP_NAME, GATEWAY_MAC)
+            .await
+            .map_err(nl("set the tap's MAC"))?;
+        ns.set_link_up(TAP_NAME)
+            .await
+            .map_err(nl("bring the tap up"))?;
         Ok(this)
     }
 

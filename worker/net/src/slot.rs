@@ -16,7 +16,9 @@ use nlink::netlink::route::Ipv4Route;
 use nlink::netlink::{Connection, Nftables, Route};
 use nlink::tuntap::{Mode, TunTap};
 
-use crate::addr::{GUEST_GATEWAY, GUEST_PREFIX_LEN, NS_VETH_NAME, SlotAddrs, TAP_NAME};
+use crate::addr::{
+    GATEWAY_MAC, GUEST_GATEWAY, GUEST_PREFIX_LEN, NS_VETH_NAME, SlotAddrs, TAP_NAME,
+};
 use crate::netns;
 use crate::rules;
 
@@ -152,6 +154,9 @@ impl Slot {
         )
         .await
         .map_err(nl("add the default route"))?;
+        ns.set_link_address(TAP_NAME, GATEWAY_MAC)
+            .await
+            .map_err(nl("set the tap's MAC"))?;
         ns.add_address(Ipv4Address::new(TAP_NAME, GUEST_GATEWAY, GUEST_PREFIX_LEN))
             .await
             .map_err(nl("address the tap"))?;

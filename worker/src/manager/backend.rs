@@ -58,6 +58,10 @@ pub trait SandboxVm: Send + Sync + 'static {
     /// The VMM's process id (for cgroups and `/proc` readings).
     fn pid(&self) -> u32;
 
+    /// Its runtime directory (sockets, logs): `<runtime root>/<sandbox id>`, or a warm
+    /// clone's `pool-…` directory.
+    fn runtime_dir(&self) -> &Path;
+
     /// Stops the VMM and frees what it held on the host (process, sockets, runtime
     /// directory). `self` may still be shared by someone who opened a stream into it.
     fn destroy(self: Arc<Self>) -> impl Future<Output = ()> + Send;
@@ -169,6 +173,10 @@ impl SandboxVm for VmHandle {
 
     fn pid(&self) -> u32 {
         self.vmm_pid()
+    }
+
+    fn runtime_dir(&self) -> &Path {
+        VmHandle::runtime_dir(self)
     }
 
     async fn destroy(self: Arc<Self>) {

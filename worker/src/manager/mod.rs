@@ -520,6 +520,12 @@ impl<B: VmBackend> SandboxManager<B> {
         if let Some(routes) = &self.routes {
             routes.up(id, vm.clone());
         }
+        tracing::info!(
+            sandbox = id,
+            runtime_dir = %vm.runtime_dir().display(),
+            pid = vm.pid(),
+            "sandbox VM running"
+        );
         Ok(Running {
             vm,
             origin: snapshot.to_owned(),

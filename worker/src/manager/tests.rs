@@ -149,6 +149,10 @@ impl SandboxVm for FakeVm {
         std::process::id()
     }
 
+    fn runtime_dir(&self) -> &Path {
+        &self.dir
+    }
+
     async fn destroy(self: Arc<Self>) {
         std::fs::remove_dir_all(&self.dir).unwrap();
         self.fake.log().destroyed += 1;

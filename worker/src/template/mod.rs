@@ -262,7 +262,11 @@ async fn boot_and_snapshot(spec: &TemplateSpec, staging: &Path) -> Result<(), Te
             .join(format!("template-{}-{}", spec.name, std::process::id()));
     // Dropped (removed) after the VM: declared first.
     let isolated = if spec.network {
-        Some(roost_net::IsolatedTap::create().map_err(TemplateError::Network)?)
+        Some(
+            roost_net::IsolatedTap::create()
+                .await
+                .map_err(TemplateError::Network)?,
+        )
     } else {
         None
     };
