@@ -21,18 +21,18 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 use serde_json::{Value, json};
 use support::{
-    ROOST, admin_token, bearer, control_command, http, http_host, start_control, try_admin_token,
+    ROOST, Signal, http, http_host, signal_server, start_control_for_host_vm, tail, tenant_api_key,
+    wait_for_worker_offering,
 };
 
 const DOMAIN: &str = "roost.test";
@@ -229,48 +229,6 @@ fn wait_envs(gateway: SocketAddr, id: &str) -> Result<Value, String> {
     }
 }
 
-/// What the signal server answers the script, and the paths the script asked for.
-#[derive(Debug, Default)]
-struct Signal {
-    phase: Mutex<&'static str>,
-    asked: Mutex<Vec<String>>,
-}
-
-impl Signal {
-    fn set(&self, phase: &'static str) {
-        *self.phase.lock().unwrap() = phase;
-    }
-
-    fn asked(&self, path: &str) -> bool {
-        self.asked.lock().unwrap().iter().any(|p| p == path)
-    }
-}
-
-/// Answers every request with the current phase (`wait` at first), recording its path.
-fn signal_server(signal: Arc<Signal>) -> u16 {
-    signal.set("wait");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut buf = [0u8; 1024];
-            let n = stream.read(&mut buf).unwrap_or(0);
-            let request = String::from_utf8_lossy(&buf[..n]);
-            if let Some(path) = request.split_whitespace().nth(1) {
-                signal.asked.lock().unwrap().push(path.to_owned());
-            }
-            let word = *signal.phase.lock().unwrap();
-            let _ = write!(
-                stream,
-                "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{word}",
-                word.len()
-            );
-        }
-    });
-    port
-}
-
 /// What the test saw through control's API.
 #[derive(Debug, Default)]
 struct Seen {
@@ -303,50 +261,9 @@ fn drive(
     seen: &mut Seen,
     script_done: &AtomicBool,
 ) -> Result<String, String> {
-    let admin = try_admin_token(api)?;
-    let (status, user) = http(
-        api,
-        "POST",
-        "/v1/auth/signup",
-        "",
-        Some(json!({"email": "dev@example.com", "password": "password123"})),
-    );
-    if status != 201 {
-        return Err(format!("signup: {status} {user}"));
-    }
-    let (status, key) = http(
-        api,
-        "POST",
-        &format!("/v1/teams/{}/api-keys", user["teamId"].as_str().unwrap()),
-        &bearer(user["token"].as_str().unwrap()),
-        Some(json!({"name": "ci"})),
-    );
-    if status != 201 {
-        return Err(format!("api key: {status} {key}"));
-    }
-    let key = key["key"].as_str().unwrap().to_owned();
-
+    let key = tenant_api_key(api, "dev@example.com")?;
     // Wait for the worker (after the template build inside the host VM).
-    let deadline = Instant::now() + JOIN_WITHIN;
-    let host = loop {
-        let (status, hosts) = http(api, "GET", "/v1/admin/hosts", &bearer(&admin), None);
-        if status == 200
-            && let Some(h) = hosts.as_array().and_then(|a| {
-                a.iter().find(|h| {
-                    h["state"] == "ready"
-                        && h["templates"]
-                            .as_array()
-                            .is_some_and(|t| t.iter().any(|t| t == "base"))
-                })
-            })
-        {
-            break h.clone();
-        }
-        if Instant::now() >= deadline || script_done.load(Ordering::SeqCst) {
-            return Err(format!("no ready worker offering base; hosts: {hosts}"));
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    };
+    let host = wait_for_worker_offering(api, "base", JOIN_WITHIN, script_done)?;
     seen.note(format!("worker joined: {host}"));
 
     let timed = |seen: &mut Seen, what: &str, method: &str, path: &str, body: Option<Value>| {
@@ -552,27 +469,8 @@ fn after_restart(
 #[test]
 fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
     let data = tempfile::tempdir().unwrap();
-    let channel_port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (control, api) = start_control(
-        control_command(data.path(), channel_port)
-            .args(["--channel-public-addr", &format!("10.0.2.2:{channel_port}")])
-            .args(["--heartbeat-interval", "1s", "--host-lost-after", "60s"])
-            .args(["--internal-token", INTERNAL_TOKEN])
-            .env("RUST_LOG", "info"),
-    );
-    let (status, token) = http(
-        api,
-        "POST",
-        "/v1/admin/workers/registration-tokens",
-        &bearer(&admin_token(api)),
-        Some(json!({"name": "host-vm", "ttlSecs": 3600})),
-    );
-    assert_eq!(status, 201, "{token}");
-    let token = token["token"].as_str().unwrap().to_owned();
+    let (control, api, token) =
+        start_control_for_host_vm(data.path(), &["--internal-token", INTERNAL_TOKEN]);
 
     let certs = tempfile::tempdir().unwrap();
     let out = Command::new(ROOST)
@@ -714,12 +612,4 @@ fn worker_in_host_vm_creates_pauses_resumes_and_kills_through_control() {
     );
     assert_eq!(get("creds-mode"), "600", "credentials are private; {all}");
     assert_eq!(run.exit_code, 0, "{all}");
-}
-
-fn tail(text: &str, max: usize) -> &str {
-    let start = text.len().saturating_sub(max);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    &text[start..]
 }

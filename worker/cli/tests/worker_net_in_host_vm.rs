@@ -29,15 +29,16 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use roost_hostvm::HostVm;
 use roost_hostvm::script::ScriptRun;
 use serde_json::{Value, json};
 use support::{
-    EGRESS_PROBE, admin_token, bearer, control_command, http, start_control, try_admin_token,
+    EGRESS_PROBE, Signal, http, signal_server, start_control_for_host_vm, tail, tenant_api_key,
+    wait_for_worker_offering,
 };
 
 /// Template build plus worker start inside the host VM.
@@ -203,55 +204,6 @@ fn web_server(ip: Ipv4Addr) -> u16 {
     port
 }
 
-/// The word the script polls for (`wait` at first) and the paths it asked for.
-#[derive(Debug, Default)]
-struct Signal {
-    phase: Mutex<String>,
-    asked: Mutex<Vec<String>>,
-}
-
-impl Signal {
-    fn set(&self, phase: impl Into<String>) {
-        *self.phase.lock().unwrap() = phase.into();
-    }
-
-    /// Waits (bounded) until the script asked for `/path`.
-    fn wait_for(&self, path: &str, within: Duration, done: &AtomicBool) -> Result<(), String> {
-        let deadline = Instant::now() + within;
-        while !self.asked.lock().unwrap().iter().any(|p| p == path) {
-            if Instant::now() >= deadline || done.load(Ordering::SeqCst) {
-                return Err(format!("the script never reached {path}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(())
-    }
-}
-
-fn signal_server(signal: Arc<Signal>) -> u16 {
-    signal.set("wait");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut buf = [0u8; 1024];
-            let n = stream.read(&mut buf).unwrap_or(0);
-            let request = String::from_utf8_lossy(&buf[..n]);
-            if let Some(path) = request.split_whitespace().nth(1) {
-                signal.asked.lock().unwrap().push(path.to_owned());
-            }
-            let word = signal.phase.lock().unwrap().clone();
-            let _ = write!(
-                stream,
-                "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{word}",
-                word.len()
-            );
-        }
-    });
-    port
-}
-
 /// Control's E2B API with one tenant's key; every call is logged.
 struct Api {
     addr: SocketAddr,
@@ -300,50 +252,11 @@ impl Api {
 
 /// Signs a tenant up and waits for the worker to offer `base`.
 fn tenant(api: SocketAddr, done: &AtomicBool) -> Result<Api, String> {
-    let admin = try_admin_token(api)?;
-    let (status, user) = http(
-        api,
-        "POST",
-        "/v1/auth/signup",
-        "",
-        Some(json!({"email": "net@example.com", "password": "password123"})),
-    );
-    if status != 201 {
-        return Err(format!("signup: {status} {user}"));
-    }
-    let (status, key) = http(
-        api,
-        "POST",
-        &format!("/v1/teams/{}/api-keys", user["teamId"].as_str().unwrap()),
-        &bearer(user["token"].as_str().unwrap()),
-        Some(json!({"name": "ci"})),
-    );
-    if status != 201 {
-        return Err(format!("api key: {status} {key}"));
-    }
-    let deadline = Instant::now() + JOIN_WITHIN;
-    loop {
-        let (status, hosts) = http(api, "GET", "/v1/admin/hosts", &bearer(&admin), None);
-        let ready = status == 200
-            && hosts.as_array().is_some_and(|a| {
-                a.iter().any(|h| {
-                    h["state"] == "ready"
-                        && h["templates"]
-                            .as_array()
-                            .is_some_and(|t| t.iter().any(|t| t == "base"))
-                })
-            });
-        if ready {
-            break;
-        }
-        if Instant::now() >= deadline || done.load(Ordering::SeqCst) {
-            return Err(format!("no ready worker offering base; hosts: {hosts}"));
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    let key = tenant_api_key(api, "net@example.com")?;
+    wait_for_worker_offering(api, "base", JOIN_WITHIN, done)?;
     Ok(Api {
         addr: api,
-        key: key["key"].as_str().unwrap().to_owned(),
+        key,
         log: Vec::new(),
     })
 }
@@ -387,26 +300,7 @@ fn drive(api: &mut Api, web: &str, signal: &Signal, done: &AtomicBool) -> Result
 #[test]
 fn worker_net_in_host_vm_enforces_each_sandboxs_egress_policy() {
     let data = tempfile::tempdir().unwrap();
-    let channel_port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (control, api) = start_control(
-        control_command(data.path(), channel_port)
-            .args(["--channel-public-addr", &format!("10.0.2.2:{channel_port}")])
-            .args(["--heartbeat-interval", "1s", "--host-lost-after", "60s"])
-            .env("RUST_LOG", "info"),
-    );
-    let (status, token) = http(
-        api,
-        "POST",
-        "/v1/admin/workers/registration-tokens",
-        &bearer(&admin_token(api)),
-        Some(json!({"name": "host-vm-net", "ttlSecs": 3600})),
-    );
-    assert_eq!(status, 201, "{token}");
-    let token = token["token"].as_str().unwrap().to_owned();
+    let (control, api, token) = start_control_for_host_vm(data.path(), &[]);
     let web_ip = outside_address();
     let web_port = web_server(web_ip);
 
@@ -514,12 +408,4 @@ fn worker_net_in_host_vm_enforces_each_sandboxs_egress_policy() {
         "each running sandbox has its namespace; {all}"
     );
     assert_eq!(run.exit_code, 0, "{all}");
-}
-
-fn tail(text: &str, max: usize) -> &str {
-    let start = text.len().saturating_sub(max);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    &text[start..]
 }

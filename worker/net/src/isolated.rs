@@ -11,11 +11,10 @@ use std::os::fd::AsFd;
 
 use nlink::netlink::namespace;
 use nlink::netlink::{Connection, Route};
-use nlink::tuntap::{Mode, TunTap};
 
 use crate::addr::{GATEWAY_MAC, PREFIX, TAP_NAME};
 use crate::netns;
-use crate::slot::{SlotError, remove_namespace};
+use crate::slot::{SlotError, create_tap, remove_namespace};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -38,20 +37,7 @@ impl IsolatedTap {
             source,
         })?;
         let this = Self { name };
-        netns::run_in(&this.name, || {
-            TunTap::builder()
-                .name(TAP_NAME)
-                .mode(Mode::Tap)
-                .no_pi(true)
-                .persistent(true)
-                .create()
-                .map(drop)
-        })?
-        .map_err(|e| SlotError::Io {
-            what: "create the tap",
-            netns: this.name.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        create_tap(&this.name)?;
         let nl = |what: &'static str| {
             let netns = this.name.clone();
             move |source| SlotError::Netlink {

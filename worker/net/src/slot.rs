@@ -122,21 +122,7 @@ impl Slot {
             .await
             .map_err(nl("bring the host veth up"))?;
 
-        // The tap is persistent: it stays when this fd closes, for the VMM to attach to.
-        netns::run_in(&a.netns, || {
-            TunTap::builder()
-                .name(TAP_NAME)
-                .mode(Mode::Tap)
-                .no_pi(true)
-                .persistent(true)
-                .create()
-                .map(drop)
-        })?
-        .map_err(|e| SlotError::Io {
-            what: "create the tap",
-            netns: a.netns.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        create_tap(&a.netns)?;
 
         let ns: Connection<Route> =
             Connection::new_in(ns_file.as_fd()).map_err(nl("open netlink"))?;
@@ -217,6 +203,25 @@ impl Slot {
             source,
         })
     }
+}
+
+/// Creates [`TAP_NAME`] in namespace `netns`, persistent: it stays when the creating fd
+/// closes, for the VMM to attach to.
+pub(crate) fn create_tap(netns: &str) -> Result<(), SlotError> {
+    netns::run_in(netns, || {
+        TunTap::builder()
+            .name(TAP_NAME)
+            .mode(Mode::Tap)
+            .no_pi(true)
+            .persistent(true)
+            .create()
+            .map(drop)
+    })?
+    .map_err(|e| SlotError::Io {
+        what: "create the tap",
+        netns: netns.to_owned(),
+        source: std::io::Error::other(e),
+    })
 }
 
 /// Deletes a named namespace; one that is already gone is fine.

@@ -208,6 +208,34 @@ pub fn control_command(data_dir: &Path, channel_port: u16) -> Command {
     command
 }
 
+/// A control for a worker inside the host VM, which reaches this machine as 10.0.2.2: its
+/// channel is announced there, heartbeats are every second; `extra` adds arguments. Returns
+/// control, its REST address and a worker registration token.
+pub fn start_control_for_host_vm(data_dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, String) {
+    let channel_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (control, api) = start_control(
+        control_command(data_dir, channel_port)
+            .args(["--channel-public-addr", &format!("10.0.2.2:{channel_port}")])
+            .args(["--heartbeat-interval", "1s", "--host-lost-after", "60s"])
+            .args(extra)
+            .env("RUST_LOG", "info"),
+    );
+    let (status, token) = http(
+        api,
+        "POST",
+        "/v1/admin/workers/registration-tokens",
+        &bearer(&admin_token(api)),
+        Some(json!({"name": "host-vm", "ttlSecs": 3600})),
+    );
+    assert_eq!(status, 201, "{token}");
+    let token = token["token"].as_str().unwrap().to_owned();
+    (control, api, token)
+}
+
 /// Starts control and waits for its REST address.
 pub fn start_control(command: &mut Command) -> (Proc, SocketAddr) {
     try_start_control(command, WAIT).unwrap_or_else(|e| panic!("{e}"))
@@ -320,4 +348,135 @@ pub fn try_admin_token(api: SocketAddr) -> Result<String, String> {
         (200, Some(token)) => Ok(token.to_owned()),
         _ => Err(format!("admin login: {status} {login}")),
     }
+}
+
+/// The word a host-VM script polls for on the test's signal port (`wait` at first), and the
+/// paths it asked for (how it says it reached a step).
+#[derive(Debug, Default)]
+pub struct Signal {
+    phase: Mutex<String>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl Signal {
+    pub fn set(&self, phase: impl Into<String>) {
+        *self.phase.lock().unwrap() = phase.into();
+    }
+
+    /// Whether the script asked for `path`.
+    pub fn asked(&self, path: &str) -> bool {
+        self.asked.lock().unwrap().iter().any(|p| p == path)
+    }
+
+    /// Waits (bounded, or until `done`) for the script to ask for `path`.
+    pub fn wait_for(
+        &self,
+        path: &str,
+        within: Duration,
+        done: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        while !self.asked(path) {
+            if Instant::now() >= deadline || done.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(format!("the script never reached {path}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+}
+
+/// Serves `signal` on a free loopback port (the host VM reaches it as 10.0.2.2): every request
+/// is answered with the current word and its path recorded.
+pub fn signal_server(signal: Arc<Signal>) -> u16 {
+    signal.set("wait");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            if let Some(path) = request.split_whitespace().nth(1) {
+                signal.asked.lock().unwrap().push(path.to_owned());
+            }
+            let word = signal.phase.lock().unwrap().clone();
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{word}",
+                word.len()
+            );
+        }
+    });
+    port
+}
+
+/// Signs `email` up and makes an API key for its team.
+pub fn tenant_api_key(api: SocketAddr, email: &str) -> Result<String, String> {
+    let (status, user) = http(
+        api,
+        "POST",
+        "/v1/auth/signup",
+        "",
+        Some(json!({"email": email, "password": "password123"})),
+    );
+    if status != 201 {
+        return Err(format!("signup: {status} {user}"));
+    }
+    let (status, key) = http(
+        api,
+        "POST",
+        &format!(
+            "/v1/teams/{}/api-keys",
+            user["teamId"].as_str().unwrap_or_default()
+        ),
+        &bearer(user["token"].as_str().unwrap_or_default()),
+        Some(json!({"name": "ci"})),
+    );
+    match key["key"].as_str() {
+        Some(key) if status == 201 => Ok(key.to_owned()),
+        _ => Err(format!("api key: {status} {key}")),
+    }
+}
+
+/// Waits (bounded, or until `done`) for a ready worker offering `template`; its host entry.
+pub fn wait_for_worker_offering(
+    api: SocketAddr,
+    template: &str,
+    within: Duration,
+    done: &std::sync::atomic::AtomicBool,
+) -> Result<Value, String> {
+    let admin = try_admin_token(api)?;
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, hosts) = http(api, "GET", "/v1/admin/hosts", &bearer(&admin), None);
+        if status == 200
+            && let Some(host) = hosts.as_array().and_then(|a| {
+                a.iter().find(|h| {
+                    h["state"] == "ready"
+                        && h["templates"]
+                            .as_array()
+                            .is_some_and(|t| t.iter().any(|t| t == template))
+                })
+            })
+        {
+            return Ok(host.clone());
+        }
+        if Instant::now() >= deadline || done.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!(
+                "no ready worker offering {template}; hosts: {hosts}"
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// The last `max` bytes of `text` (at a character boundary).
+pub fn tail(text: &str, max: usize) -> &str {
+    let start = text.len().saturating_sub(max);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    &text[start..]
 }
