@@ -11,7 +11,9 @@
 //! Only on connect (the hello), every sandbox the database places on this host as `running`
 //! or `paused` that the worker does *not* report is marked `lost`: the worker restarted
 //! without it. This is not done per heartbeat, because a kill or pause in flight makes the two
-//! sides briefly disagree, and a fresh connection has no requests in flight.
+//! sides briefly disagree. On connect too, placement may use the connection before this task
+//! runs: a sandbox created or resumed there after the hello (its `updated_at` is not before
+//! the hello's arrival) is not in the hello and must not be marked lost.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -33,9 +35,10 @@ pub async fn run(
     shared: Arc<Shared>,
     host_id: String,
     hello: Vec<SandboxReport>,
+    hello_at: i64,
     mut latest: tokio::sync::watch::Receiver<Option<Vec<SandboxReport>>>,
 ) {
-    if let Err(e) = on_connect(&shared, &host_id, &hello).await {
+    if let Err(e) = on_connect(&shared, &host_id, &hello, hello_at).await {
         tracing::error!(host = %host_id, error = %e, "reconciliation on connect failed");
     }
     while latest.changed().await.is_ok() {
@@ -56,11 +59,12 @@ pub struct Outcome {
     pub lost: usize,
 }
 
-/// Reconciles a fresh connection's hello.
+/// Reconciles a fresh connection's hello, which arrived at `hello_at` (Unix ms).
 pub async fn on_connect(
     shared: &Arc<Shared>,
     host_id: &str,
     reports: &[SandboxReport],
+    hello_at: i64,
 ) -> Result<Outcome, StoreError> {
     let mut outcome = on_reports(shared, host_id, reports).await?;
     let reported: HashSet<&str> = reports.iter().map(|r| r.sandbox_id.as_str()).collect();
@@ -72,6 +76,7 @@ pub async fn on_connect(
     .await?;
     for sandbox in placed {
         if !reported.contains(sandbox.id.as_str())
+            && sandbox.updated_at < hello_at
             && monitor::mark_lost(shared, &sandbox, "not reported by its worker on reconnect")
                 .await?
         {

@@ -112,11 +112,18 @@ async fn serve(shared: &Arc<Shared>, connection: &quinn::Connection) -> Result<(
     if let Err(reason) = check_hello(&hello, &host.id) {
         return Err(reject(connection, Some(&mut writer), reason).await);
     }
+    // Before placement can use the connection: what changes on this host from now on is not
+    // described by the hello (see `reconcile::on_connect`).
+    let hello_at = crate::store::now_ms();
 
     hosts::mark_connected(&shared.db, &host.id, &reported(&hello)).await?;
     let epoch = shared.registry.attach(&host.id, connection.clone(), &hello);
     shared.registry.set_draining(&host.id, host.draining != 0);
-    let result = session(shared, connection, &host.id, epoch, &hello, reader, writer).await;
+    let hello = ArrivedHello {
+        hello: &hello,
+        at_ms: hello_at,
+    };
+    let result = session(shared, connection, &host.id, epoch, hello, reader, writer).await;
     shared.registry.detach(&host.id, epoch);
     result
 }
@@ -150,15 +157,23 @@ fn reported(hello: &Hello) -> hosts::Reported<'_> {
     }
 }
 
+/// A worker's hello and when it arrived (Unix ms), before the connection could be used.
+#[derive(Clone, Copy)]
+struct ArrivedHello<'a> {
+    hello: &'a Hello,
+    at_ms: i64,
+}
+
 async fn session(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
     host_id: &str,
     epoch: u64,
-    hello: &Hello,
+    arrived: ArrivedHello<'_>,
     mut reader: Reader,
     mut writer: Writer,
 ) -> Result<(), SessionError> {
+    let hello = arrived.hello;
     let interval = shared.config.heartbeat_interval;
     writer
         .send(ControlMessage::Welcome {
@@ -190,6 +205,7 @@ async fn session(
         shared.clone(),
         host_id.to_owned(),
         hello.sandboxes.clone(),
+        arrived.at_ms,
         latest,
     ));
     let worker_requests = tokio::spawn(requests::serve(
