@@ -178,23 +178,28 @@ impl NetManager {
 
     /// Networking for one sandbox: a pooled slot if there is one, else a new one.
     pub async fn acquire(&self, policy: EgressPolicy) -> Result<SandboxNet, NetError> {
-        let mut net = self.reserve().await?;
-        match self.activate(&mut net, policy).await {
-            Ok(()) => Ok(net),
-            Err(e) => {
-                self.release_quietly(net).await;
-                Err(e)
-            }
-        }
+        let net = self.reserve().await?;
+        self.activated(net, policy).await
     }
 
     /// Networking for one sandbox from a slot made now (the pool is not touched).
     pub async fn acquire_fresh(&self, policy: EgressPolicy) -> Result<SandboxNet, NetError> {
-        let mut net = SandboxNet::reserved(self.new_slot().await?);
+        let net = SandboxNet::reserved(self.new_slot().await?);
+        self.activated(net, policy).await
+    }
+
+    /// `net` with `policy` in force; removed when that fails.
+    async fn activated(
+        &self,
+        mut net: SandboxNet,
+        policy: EgressPolicy,
+    ) -> Result<SandboxNet, NetError> {
         match self.activate(&mut net, policy).await {
             Ok(()) => Ok(net),
             Err(e) => {
-                self.release_quietly(net).await;
+                if let Err(cleanup) = self.release(net).await {
+                    tracing::error!(error = %cleanup, "cannot remove a network slot after a failed hand-out");
+                }
                 Err(e)
             }
         }
@@ -265,13 +270,6 @@ impl NetManager {
         .map_err(NetError::Dns)?;
         net.dns = Some(dns);
         Ok(())
-    }
-
-    /// [`NetManager::release`] for error paths: a failure is logged.
-    async fn release_quietly(&self, net: SandboxNet) {
-        if let Err(cleanup) = self.release(net).await {
-            tracing::error!(error = %cleanup, "cannot remove a network slot after a failed hand-out");
-        }
     }
 
     /// Takes a sandbox's networking back and removes it.
